@@ -1,0 +1,109 @@
+"""The `abc-tvm` command line: zoo, compile, run.
+
+Bad input (a UserError or ValueError) becomes one line on stderr and exit code 2, never a
+traceback; heavy imports happen inside the subcommands so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from abc_tvm.errors import UserError
+
+
+def _zoo(args: argparse.Namespace) -> None:
+    import torch
+
+    from abc_tvm.export import to_onnx
+    from abc_tvm.models import ZOO
+
+    if args.name not in ZOO:
+        raise UserError(f"unknown model {args.name!r}: choose one of {', '.join(ZOO)}")
+    build, default_size = ZOO[args.name]
+    size = args.image_size or default_size
+    if size < 8:
+        raise UserError(f"--image-size must be at least 8 (got {size})")
+    kwargs = {"num_classes": args.num_classes} if args.num_classes else {}
+    model = build(args.M, args.N, seed=args.seed, act=args.act, channelwise=args.channelwise,
+                  **kwargs)
+    example = torch.rand(args.batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    to_onnx(model, example, args.output)
+    print(f"wrote {args.output}: {args.name} M={args.M} N={args.N} act={args.act} "
+          f"input [{args.batch}, 3, {size}, {size}]")
+
+
+def _compile(args: argparse.Namespace) -> None:
+    from abc_tvm.compiler import compile_model
+
+    compile_model(args.model, args.target, args.output, report_path=args.report)
+
+
+def _run(args: argparse.Namespace) -> None:
+    from abc_tvm.runtime import load
+
+    model = load(args.module)
+    try:
+        x = np.load(args.input, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read input {args.input}: {e}") from None
+    y = model(x)
+    if args.output:
+        np.save(args.output, y)
+        print(f"wrote {args.output}: shape {list(y.shape)} {y.dtype}")
+    else:
+        flat = y.reshape(y.shape[0], -1)
+        print(f"output shape {list(y.shape)} {y.dtype}; min {y.min():.6g} max {y.max():.6g} "
+              f"mean {y.mean():.6g}; argmax per batch item {flat.argmax(1).tolist()}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="abc-tvm",
+        description="Compile ABC-Net binary neural networks to AND/popcount kernels with TVM.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    z = sub.add_parser("zoo", help="write a bundled ABC model as ONNX")
+    z.add_argument("name", help="abc_resnet18 | abc_resnet20")
+    z.add_argument("-M", type=int, default=3, help="weight bases (1-8)")
+    z.add_argument("-N", type=int, default=3, help="activation planes (1-8)")
+    z.add_argument("-o", "--output", required=True, type=Path)
+    z.add_argument("--image-size", type=int, default=None, help="default: 224 / 32")
+    z.add_argument("--batch", type=int, default=1)
+    z.add_argument("--num-classes", type=int, default=None)
+    z.add_argument("--act", choices=["bipolar", "unipolar"], default="bipolar")
+    z.add_argument("--channelwise", action="store_true", help="one α per output channel")
+    z.add_argument("--seed", type=int, default=0)
+    z.set_defaults(func=_zoo)
+
+    c = sub.add_parser("compile", help="compile an ONNX ABC model to a shared library")
+    c.add_argument("model", type=Path)
+    c.add_argument("--target", default="x86", help="x86 | arm | cuda")
+    c.add_argument("-o", "--output", required=True, type=Path)
+    c.add_argument("--report", type=Path, default=None, help="write the JSON report here")
+    c.set_defaults(func=_compile)
+
+    r = sub.add_parser("run", help="run a compiled host-target .so on an .npy input")
+    r.add_argument("module", type=Path)
+    r.add_argument("--input", required=True, type=Path)
+    r.add_argument("--output", type=Path, default=None)
+    r.set_defaults(func=_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (UserError, ValueError, FileNotFoundError) as e:
+        print(f"abc-tvm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

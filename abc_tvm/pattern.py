@@ -1,0 +1,450 @@
+"""Find ABC convolutions in a dataflow graph: the import contract of DESIGN.md, written once.
+
+The matcher works on a small op graph in ONNX's vocabulary. `from_onnx` builds one from an
+ONNX model (the exporter's checker uses it); the Relax pass builds one from a Relax function
+(`abc_tvm.relay_passes`), so both sides agree on what an ABC block is.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+MAX_BASES = 8
+
+
+@dataclass
+class Op:
+    """One operation: ONNX op type, value names in and out, attributes."""
+
+    name: str
+    op: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict = field(default_factory=dict)
+
+
+class Graph:
+    """Ops in topological order plus the constant values they may read."""
+
+    def __init__(self, ops: list[Op], consts: dict[str, np.ndarray]) -> None:
+        self.ops = ops
+        self.consts = consts
+        self._producer = {o: op for op in ops for o in op.outputs}
+        self._consumers: dict[str, list[Op]] = defaultdict(list)
+        for op in ops:
+            for i in op.inputs:
+                self._consumers[i].append(op)
+
+    def producer(self, value: str) -> Op | None:
+        return self._producer.get(value)
+
+    def consumers(self, value: str) -> list[Op]:
+        return self._consumers.get(value, [])
+
+    def const(self, value: str) -> np.ndarray | None:
+        """The value if it is a compile-time constant (folding Mul of two constants)."""
+        if value in self.consts:
+            return self.consts[value]
+        op = self.producer(value)
+        if op is not None and op.op == "Mul" and len(op.inputs) == 2:
+            a, b = (self.const(i) for i in op.inputs)
+            if a is not None and b is not None:
+                return np.multiply(a, b, dtype=np.float32)
+        return None
+
+    def scalar(self, value: str) -> float | None:
+        c = self.const(value)
+        if c is None or c.size != 1:
+            return None
+        return np.float32(c.reshape(()))
+
+
+@dataclass
+class ABCBlock:
+    """One recognised ABC convolution: Y = Σ_n β_n Conv(A_n(X), Σ_m α_m B_m)."""
+
+    name: str
+    input: str  # X
+    output: str  # Y, the value the rewrite replaces
+    act: str  # "bipolar" | "unipolar"
+    act_form: str  # "canonical" (Sub(Mul(I, 2), 1) or I) | "sign" (Sign(Sub(H, 0.5)))
+    clip: bool
+    beta_position: str  # "after" | "before" the conv
+    weight_form: str  # "stacked" | "folded-stacked" | "folded"
+    bases: np.ndarray  # float32 ±1 [M, O, I, kh, kw]
+    alpha: np.ndarray  # float32 [M, O]
+    shift: np.ndarray  # float32 [N], v_n
+    beta: np.ndarray  # float32 [N]
+    strides: tuple[int, int]
+    pads: tuple[int, int, int, int]  # top, left, bottom, right
+    ops: list[str] = field(default_factory=list)
+
+    @property
+    def M(self) -> int:
+        return int(self.bases.shape[0])
+
+    @property
+    def N(self) -> int:
+        return int(self.shift.shape[0])
+
+    @property
+    def alpha_kind(self) -> str:
+        """'layer' when every output channel shares α_m, else 'channel'."""
+        return "layer" if np.all(self.alpha == self.alpha[:, :1]) else "channel"
+
+    def summary(self) -> dict:
+        O, I, kh, kw = self.bases.shape[1:]
+        return {
+            "name": self.name, "M": self.M, "N": self.N, "alpha": self.alpha_kind,
+            "act": self.act, "act_form": self.act_form, "weight_form": self.weight_form,
+            "beta_position": self.beta_position, "in_channels": int(I),
+            "out_channels": int(O), "kernel": [int(kh), int(kw)],
+            "strides": list(self.strides), "pads": list(self.pads),
+        }
+
+
+@dataclass
+class Miss:
+    """A conv that looked like an ABC candidate but stays float, and why."""
+
+    name: str
+    op: str
+    reason: str
+
+
+@dataclass
+class _Branch:
+    conv: Op
+    x: str
+    act: str
+    act_form: str
+    clip: bool
+    shift: np.float32
+    beta: np.float32
+    beta_position: str
+    out: str  # Z_n
+    ops: list[str]
+
+
+class _NoMatch(Exception):
+    pass
+
+
+def _const_operand(g: Graph, op: Op) -> tuple[str, np.float32] | None:
+    """For a binary op with one scalar-constant operand: (the other operand, the scalar)."""
+    if len(op.inputs) != 2:
+        return None
+    for i, j in ((1, 0), (0, 1)):
+        s = g.scalar(op.inputs[i])
+        if s is not None and g.const(op.inputs[j]) is None:
+            return op.inputs[j], s
+    return None
+
+
+def _binarisation(g: Graph, h: str, ops: list[str]) -> tuple[str, np.float32, bool]:
+    """H = [Clip](Add(X, v)) → (X, v, clip present). Clip must not move the 0.5 threshold."""
+    op = g.producer(h)
+    clip = False
+    if op is not None and op.op == "Clip":
+        lo, hi = op.attrs.get("min", -np.inf), op.attrs.get("max", np.inf)
+        if not (lo < 0.5 <= hi):
+            raise _NoMatch(f"Clip({lo}, {hi}) changes the 0.5 threshold")
+        ops.append(op.name)
+        clip = True
+        op = g.producer(op.inputs[0])
+    if op is None or op.op != "Add" or (co := _const_operand(g, op)) is None:
+        raise _NoMatch("activation is not Add(X, v) with a scalar constant shift v")
+    ops.append(op.name)
+    return co[0], co[1], clip
+
+
+def _plane(g: Graph, a: str, ops: list[str]) -> tuple[str, np.float32, bool, str, str]:
+    """Walk back from a conv's data input A_n to X: (X, v, clip, act, act_form)."""
+    op = g.producer(a)
+    if op is None:
+        raise _NoMatch("conv input is not a binarised activation")
+    if op.op == "Sign":
+        sub = g.producer(op.inputs[0])
+        if sub is None or sub.op != "Sub" or g.scalar(sub.inputs[1]) != 0.5:
+            raise _NoMatch("Sign input is not Sub(H, 0.5)")
+        ops += [op.name, sub.name]
+        x, v, clip = _binarisation(g, sub.inputs[0], ops)
+        return x, v, clip, "bipolar", "sign"
+    act = "unipolar"
+    if op.op == "Sub":
+        mul = g.producer(op.inputs[0])
+        is_mul = mul is not None and mul.op == "Mul" and g.scalar(op.inputs[1]) == 1.0
+        mco = _const_operand(g, mul) if is_mul else None
+        if mco is None or mco[1] != 2.0:
+            raise _NoMatch("bipolar form must be Sub(Mul(I, 2), 1)")
+        ops += [op.name, mul.name]
+        act, op = "bipolar", g.producer(mco[0])
+    if op is None or op.op != "Cast" or op.attrs.get("to") != onnx.TensorProto.FLOAT:
+        raise _NoMatch("conv input is not a binarised activation (Cast to float)")
+    ge = g.producer(op.inputs[0])
+    if ge is None or ge.op != "GreaterOrEqual" or g.scalar(ge.inputs[1]) is None:
+        raise _NoMatch("activation bits are not GreaterOrEqual(H, threshold)")
+    if g.scalar(ge.inputs[1]) != 0.5:
+        raise _NoMatch(f"binarisation threshold is {g.scalar(ge.inputs[1])}, not 0.5")
+    ops += [op.name, ge.name]
+    x, v, clip = _binarisation(g, ge.inputs[0], ops)
+    return x, v, clip, act, "canonical"
+
+
+def _branch(g: Graph, conv: Op) -> _Branch:
+    """Match one Conv of an ABC block, with its β before or after."""
+    if len(conv.inputs) > 2 and conv.inputs[2]:
+        raise _NoMatch("conv has a bias")
+    if conv.attrs.get("group", 1) != 1:
+        raise _NoMatch(f"grouped conv (group={conv.attrs['group']})")
+    if any(d != 1 for d in conv.attrs.get("dilations", [1, 1])):
+        raise _NoMatch(f"dilated conv {conv.attrs['dilations']}")
+    if conv.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID", b"NOTSET", b"VALID"):
+        raise _NoMatch("auto_pad SAME is not supported")
+    if len(conv.attrs.get("strides", [1, 1])) != 2:
+        raise _NoMatch("not a 2-D conv")
+    ops = [conv.name]
+    a = conv.inputs[0]
+    beta, position = np.float32(1.0), "after"
+    pre = g.producer(a)
+    if pre is not None and pre.op == "Mul" and (co := _const_operand(g, pre)) is not None:
+        a, beta, position = co[0], co[1], "before"
+        ops.append(pre.name)
+    x, v, clip, act, form = _plane(g, a, ops)
+    out = conv.outputs[0]
+    users = g.consumers(out)
+    if position == "after" and len(users) == 1 and users[0].op == "Mul":
+        co = _const_operand(g, users[0])
+        if co is not None:
+            beta, out = co[1], users[0].outputs[0]
+            ops.append(users[0].name)
+    return _Branch(conv, x, act, form, clip, v, beta, position, out, ops)
+
+
+def _levels(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Thermometer decomposition of a tensor with few distinct values into bases and α.
+
+    Sorted symmetric levels L_0 < … < L_M give α_m = (L_{m+1} − L_m)/2 and
+    B_m = +1 where W ≥ L_{m+1}; a missing mirror level is added so that L_0 = −L_M.
+    """
+    vals = np.unique(w)
+    if len(vals) > MAX_BASES + 1:
+        return None
+    top = max(abs(float(vals[0])), abs(float(vals[-1])))
+    levels = np.unique(np.concatenate([vals.astype(np.float64), [-top, top]]))
+    if top == 0 or len(levels) - 1 > MAX_BASES:
+        return None
+    alpha = ((levels[1:] - levels[:-1]) / 2).astype(np.float32)
+    bases = np.stack([np.where(w >= lv, 1.0, -1.0) for lv in levels[1:]]).astype(np.float32)
+    return bases, alpha
+
+
+def _reconstructs(w: np.ndarray, bases: np.ndarray, alpha: np.ndarray) -> bool:
+    """Σ_m α_m B_m in float32, in order, equals W bit for bit."""
+    acc = np.zeros_like(w, dtype=np.float32)
+    for m in range(bases.shape[0]):
+        acc = acc + (alpha[m].reshape(-1, *[1] * (w.ndim - 1)) * bases[m]).astype(np.float32)
+    return bool(np.array_equal(acc.view(np.uint32), w.astype(np.float32).view(np.uint32))
+                or np.array_equal(acc, w))
+
+
+def decompose_folded(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Exact M-basis decomposition of one folded (O, I, kh, kw) weight, or None.
+
+    Tries one α set for the whole layer, then one per output channel (channels with fewer
+    levels get α = 0 for the extra bases). Accepted only if the float32 reconstruction is
+    bit-exact.
+    """
+    w = w.astype(np.float32)
+    O = w.shape[0]
+    layer = _levels(w)
+    if layer is not None:
+        bases, alpha = layer
+        alpha_oc = np.repeat(alpha[:, None], O, axis=1)
+        if _reconstructs(w, bases, alpha_oc):
+            return bases, alpha_oc
+    per = [_levels(w[o]) for o in range(O)]
+    if any(p is None for p in per):
+        return None
+    M = max(p[1].shape[0] for p in per)
+    bases = np.ones((M, *w.shape), np.float32)
+    alpha = np.zeros((M, O), np.float32)
+    for o, (b, a) in enumerate(per):
+        bases[: b.shape[0], o], alpha[: a.shape[0], o] = b, a
+    return (bases, alpha) if _reconstructs(w, bases, alpha) else None
+
+
+def _split_stacked(s: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Stacked α_m·B_m slices [M, O, I, kh, kw] → exact ±1 bases and α [M, O]."""
+    if s.shape[0] > MAX_BASES:
+        return None
+    mag = np.abs(s).reshape(s.shape[0], s.shape[1], -1)
+    if not np.all(mag == mag[..., :1]):
+        return None
+    alpha = mag[..., 0].astype(np.float32)
+    bases = np.where(s >= 0, 1.0, -1.0).astype(np.float32)
+    return bases, alpha
+
+
+def _weights(g: Graph, w: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """The conv weight as (bases ±1 [M,O,I,kh,kw], α [M,O], form)."""
+    op = g.producer(w)
+    if op is not None and op.op == "ReduceSum":
+        axes = op.attrs.get("axes")
+        if axes is None and len(op.inputs) > 1 and op.inputs[1]:
+            c = g.const(op.inputs[1])
+            axes = None if c is None else [int(a) for a in c.reshape(-1)]
+        s = g.const(op.inputs[0])
+        if s is None or s.ndim != 5 or list(axes or []) != [0] or op.attrs.get("keepdims", 1):
+            raise _NoMatch("weight ReduceSum is not over axis 0 of constant stacked bases")
+        split = _split_stacked(s)
+        if split is None:
+            raise _NoMatch("stacked weight slices are not α_m·(±1) bases (or M > 8)")
+        mul = g.producer(op.inputs[0])
+        form = "stacked" if mul is not None and mul.op == "Mul" else "folded-stacked"
+        return split[0], split[1], form
+    c = g.const(w)
+    if c is None:
+        raise _NoMatch("weight is not a compile-time constant")
+    if c.ndim != 4:
+        raise _NoMatch("not a 2-D conv weight")
+    dec = decompose_folded(c)
+    if dec is None:
+        raise _NoMatch("folded weight has no exact decomposition into ≤ 8 ±1 bases")
+    return dec[0], dec[1], "folded"
+
+
+def _is_sum_of(g: Graph, value: str, leaves: dict[str, _Branch]) -> bool:
+    """`value` is a branch output, or a single-use Add/Sum of such values."""
+    if value in leaves:
+        return True
+    op = g.producer(value)
+    return (op is not None and op.op in ("Add", "Sum") and len(g.consumers(value)) == 1
+            and all(_is_sum_of(g, i, leaves) for i in op.inputs))
+
+
+def _add_tree(g: Graph, value: str, leaves: dict[str, _Branch]) -> tuple[str, list[str]]:
+    """Climb the Add/Sum ops whose operands are all sums of branch outputs: Y = Z_1 + … + Z_N."""
+    ops: list[str] = []
+    while True:
+        users = g.consumers(value)
+        if len(users) != 1 or users[0].op not in ("Add", "Sum"):
+            return value, ops
+        if not all(_is_sum_of(g, i, leaves) for i in users[0].inputs):
+            return value, ops
+        ops.append(users[0].name)
+        value = users[0].outputs[0]
+
+
+def find_abc_blocks(g: Graph) -> tuple[list[ABCBlock], list[Miss]]:
+    """Every ABC block of the graph, and the convs that stay float with the reason."""
+    branches: dict[str, _Branch] = {}
+    misses: list[Miss] = []
+    for op in g.ops:
+        if op.op != "Conv":
+            continue
+        try:
+            branches[op.outputs[0]] = _branch(g, op)
+        except _NoMatch as e:
+            misses.append(Miss(op.name, op.op, str(e)))
+    by_out = {b.out: b for b in branches.values()}
+    blocks: list[ABCBlock] = []
+    taken: set[str] = set()
+    for b in branches.values():
+        if b.out in taken:
+            continue
+        key = (b.x, b.conv.inputs[1], b.act, b.act_form, b.beta_position)
+        same = {o: br for o, br in by_out.items() if o not in taken
+                and (br.x, br.conv.inputs[1], br.act, br.act_form, br.beta_position) == key}
+        root, add_ops = _add_tree(g, b.out, same)
+        members = _leaves(g, root, same) if add_ops else [b]
+        if any(m.conv.attrs != b.conv.attrs for m in members):
+            for m in members:
+                misses.append(Miss(m.conv.name, "Conv", "summed branches differ in conv attributes"))
+                taken.add(m.out)
+            continue
+        try:
+            bases, alpha, form = _weights(g, b.conv.inputs[1])
+        except _NoMatch as e:
+            for m in members:
+                misses.append(Miss(m.conv.name, "Conv", str(e)))
+                taken.add(m.out)
+            continue
+        taken.update(m.out for m in members)
+        pads = list(b.conv.attrs.get("pads", [0, 0, 0, 0]))
+        if b.conv.attrs.get("auto_pad") in ("VALID", b"VALID"):
+            pads = [0, 0, 0, 0]
+        blocks.append(ABCBlock(
+            name=b.conv.name, input=b.x, output=root, act=b.act, act_form=b.act_form,
+            clip=all(m.clip for m in members), beta_position=b.beta_position,
+            weight_form=form, bases=bases, alpha=alpha,
+            shift=np.array([m.shift for m in members], np.float32),
+            beta=np.array([m.beta for m in members], np.float32),
+            strides=tuple(b.conv.attrs.get("strides", [1, 1])),
+            pads=(pads[0], pads[1], pads[2], pads[3]),
+            ops=[o for m in members for o in m.ops] + add_ops,
+        ))
+    return blocks, misses
+
+
+def _leaves(g: Graph, root: str, branches: dict[str, _Branch]) -> list[_Branch]:
+    """The branches summed into `root`, in graph order."""
+    if root in branches:
+        return [branches[root]]
+    op = g.producer(root)
+    assert op is not None
+    return [b for i in op.inputs for b in _leaves(g, i, branches)]
+
+
+# -- ONNX adapter -------------------------------------------------------------------------------
+
+def _onnx_attrs(node: onnx.NodeProto) -> dict:
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
+
+
+def from_onnx(model: onnx.ModelProto) -> Graph:
+    """An op graph of an ONNX model; Constant, Identity and Cast of constants are folded."""
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    ops: list[Op] = []
+    for i, node in enumerate(model.graph.node):
+        attrs = _onnx_attrs(node)
+        name = node.name or f"{node.op_type}_{i}"
+        if node.op_type == "Constant" and "value" in attrs:
+            consts[node.output[0]] = numpy_helper.to_array(attrs["value"])
+            continue
+        if node.op_type in ("Identity", "Cast") and node.input[0] in consts:
+            val = consts[node.input[0]]
+            if node.op_type == "Cast":
+                val = val.astype(onnx.helper.tensor_dtype_to_np_dtype(attrs["to"]))
+            consts[node.output[0]] = val
+            continue
+        if node.op_type == "Clip":
+            # opset ≥ 11 gives the bounds as inputs; keep them as attributes like opset 6
+            for j, key in ((1, "min"), (2, "max")):
+                if len(node.input) > j and node.input[j]:
+                    c = consts.get(node.input[j])
+                    attrs[key] = float(c) if c is not None else np.nan
+        ops.append(Op(name, node.op_type, list(node.input), list(node.output), attrs))
+    return Graph(ops, consts)
+
+
+def check_canonical(model: onnx.ModelProto) -> list[ABCBlock]:
+    """The ABC blocks of an exported model, asserting each is in the canonical form.
+
+    Raises ValueError naming the first block (or conv) that is not canonical.
+    """
+    blocks, misses = find_abc_blocks(from_onnx(model))
+    if not blocks:
+        detail = "; ".join(f"{m.name}: {m.reason}" for m in misses) or "no Conv at all"
+        raise ValueError(f"no ABC convolution found ({detail})")
+    for b in blocks:
+        if not (b.clip and b.act_form == "canonical" and b.beta_position == "after"
+                and b.weight_form == "stacked"):
+            raise ValueError(f"ABC block {b.name} is not canonical: {b.summary()}")
+    return blocks

@@ -1,0 +1,1 @@
+"""Kernels: TE compute for bit-packing and bitserial ABC convolution, and per-target schedules."""
