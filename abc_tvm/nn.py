@@ -81,7 +81,7 @@ class _ABCBase(nn.Module):
         _check_mn(M, N)
         _check_act(act)
         self.M, self.N, self.channelwise, self.act = M, N, channelwise, act
-        shifts = torch.linspace(-0.5, 0.5, N) if N > 1 else torch.zeros(1)
+        shifts = torch.linspace(-0.3, 0.3, N) if N > 1 else torch.zeros(1)
         self.shift = nn.Parameter(shifts)  # v_n
         self.beta = nn.Parameter(torch.full((N,), 1.0 / N))  # β_n
         self._frozen: FrozenABC | None = None

@@ -115,6 +115,7 @@ class Miss:
     name: str
     op: str
     reason: str
+    error: bool = False  # the model is a malformed ABC export, not merely a float conv
 
 
 @dataclass
@@ -132,7 +133,9 @@ class _Branch:
 
 
 class _NoMatch(Exception):
-    pass
+    def __init__(self, reason: str, error: bool = False) -> None:
+        super().__init__(reason)
+        self.error = error
 
 
 def _const_operand(g: Graph, op: Op) -> tuple[str, np.float32] | None:
@@ -291,8 +294,8 @@ def _split_stacked(s: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return bases, alpha
 
 
-def _weights(g: Graph, w: str) -> tuple[np.ndarray, np.ndarray, str]:
-    """The conv weight as (bases ±1 [M,O,I,kh,kw], α [M,O], form)."""
+def _weights(g: Graph, w: str) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
+    """The conv weight as (bases ±1 [M,O,I,kh,kw], α [M,O], form, ops computing it)."""
     op = g.producer(w)
     if op is not None and op.op == "ReduceSum":
         axes = op.attrs.get("axes")
@@ -302,12 +305,19 @@ def _weights(g: Graph, w: str) -> tuple[np.ndarray, np.ndarray, str]:
         s = g.const(op.inputs[0])
         if s is None or s.ndim != 5 or list(axes or []) != [0] or op.attrs.get("keepdims", 1):
             raise _NoMatch("weight ReduceSum is not over axis 0 of constant stacked bases")
+        mul = g.producer(op.inputs[0])
+        if mul is not None and mul.op == "Mul":
+            big = max((g.const(i) for i in mul.inputs), key=lambda c: c.size)
+            if big.ndim == 5 and not np.all(np.abs(big) == 1):
+                bad = big[np.abs(big) != 1].reshape(-1)[:3].tolist()
+                raise _NoMatch(f"ABC bases must be exactly ±1, found values such as {bad}",
+                               error=True)
         split = _split_stacked(s)
         if split is None:
             raise _NoMatch("stacked weight slices are not α_m·(±1) bases (or M > 8)")
-        mul = g.producer(op.inputs[0])
-        form = "stacked" if mul is not None and mul.op == "Mul" else "folded-stacked"
-        return split[0], split[1], form
+        is_mul = mul is not None and mul.op == "Mul"
+        ops = [op.name] + ([mul.name] if is_mul else [])
+        return split[0], split[1], "stacked" if is_mul else "folded-stacked", ops
     c = g.const(w)
     if c is None:
         raise _NoMatch("weight is not a compile-time constant")
@@ -316,7 +326,7 @@ def _weights(g: Graph, w: str) -> tuple[np.ndarray, np.ndarray, str]:
     dec = decompose_folded(c)
     if dec is None:
         raise _NoMatch("folded weight has no exact decomposition into ≤ 8 ±1 bases")
-    return dec[0], dec[1], "folded"
+    return dec[0], dec[1], "folded", [op.name] if op is not None else []
 
 
 def _is_sum_of(g: Graph, value: str, leaves: dict[str, _Branch]) -> bool:
@@ -369,10 +379,10 @@ def find_abc_blocks(g: Graph) -> tuple[list[ABCBlock], list[Miss]]:
                 taken.add(m.out)
             continue
         try:
-            bases, alpha, form = _weights(g, b.conv.inputs[1])
+            bases, alpha, form, weight_ops = _weights(g, b.conv.inputs[1])
         except _NoMatch as e:
             for m in members:
-                misses.append(Miss(m.conv.name, "Conv", str(e)))
+                misses.append(Miss(m.conv.name, "Conv", str(e), e.error))
                 taken.add(m.out)
             continue
         taken.update(m.out for m in members)
@@ -387,7 +397,7 @@ def find_abc_blocks(g: Graph) -> tuple[list[ABCBlock], list[Miss]]:
             beta=np.array([m.beta for m in members], np.float32),
             strides=tuple(b.conv.attrs.get("strides", [1, 1])),
             pads=(pads[0], pads[1], pads[2], pads[3]),
-            ops=[o for m in members for o in m.ops] + add_ops,
+            ops=[o for m in members for o in m.ops] + add_ops + weight_ops,
         ))
     return blocks, misses
 

@@ -1,0 +1,152 @@
+"""`abc-tvm compile`: ONNX → Relax → ABC rewrite → TVM build → .so + manifest + report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import tvm
+
+from abc_tvm import frontend, pattern, targets
+from abc_tvm.errors import UserError
+from abc_tvm.relay_passes.abc_rewrite import rewrite
+
+MANIFEST_SUFFIX = ".json"
+
+
+@dataclass
+class Report:
+    """What the compiler did: ABC layers found and rewritten, and what stayed float and why."""
+
+    model: str
+    target: str
+    abc_layers: list[dict] = field(default_factory=list)
+    float_ops: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"model": self.model, "target": self.target, "abc_layers": self.abc_layers,
+                "float_ops": self.float_ops}
+
+    def table(self) -> str:
+        """A short human summary: one line per ABC layer, float ops counted by reason."""
+        lines = [f"{len(self.abc_layers)} ABC layer(s) -> binary kernels "
+                 f"(target {self.target})"]
+        if self.abc_layers:
+            lines.append(f"  {'layer':<36} {'M':>2} {'N':>2} {'alpha':<8} {'act':<9} "
+                         f"{'shape (O,I,kh,kw)':<20} kernel")
+        for a in self.abc_layers:
+            shape = f"({a['out_channels']},{a['in_channels']},{a['kernel'][0]},{a['kernel'][1]})"
+            lines.append(f"  {a['name'][-36:]:<36} {a['M']:>2} {a['N']:>2} {a['alpha']:<8} "
+                         f"{a['act']:<9} {shape:<20} {a['kernel_impl']}")
+        counts: dict[tuple[str, str], int] = {}
+        for f in self.float_ops:
+            counts[(f["op"], f["reason"])] = counts.get((f["op"], f["reason"]), 0) + 1
+        lines.append(f"{len(self.float_ops)} op(s) left in float:")
+        lines += [f"  {n:>4} x {op:<20} {reason}" for (op, reason), n in sorted(counts.items())]
+        return "\n".join(lines)
+
+
+def sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _report(proto: onnx.ModelProto, model_name: str, spec: targets.TargetSpec,
+            onnx_match: tuple[list[pattern.ABCBlock], list[pattern.Miss]],
+            relax_blocks: list, relax_misses: list[pattern.Miss]) -> Report:
+    """Name the rewritten blocks after their ONNX nodes and list every other node as float.
+
+    The Relax importer keeps ONNX node order, so the i-th block found in Relax is the i-th
+    block found in ONNX; the pair is cross-checked on M, N and weight shape.
+    """
+    onnx_blocks, onnx_misses = onnx_match
+    report = Report(model_name, spec.name)
+    covered: set[str] = set()
+    pairs = list(zip(onnx_blocks, relax_blocks, strict=False))
+    same = len(onnx_blocks) == len(relax_blocks) and all(
+        o.bases.shape == r.block.bases.shape and o.N == r.block.N for o, r in pairs)
+    for i, r in enumerate(relax_blocks):
+        blk = onnx_blocks[i] if same else r.block
+        covered.update(blk.ops if same else [])
+        report.abc_layers.append({**r.block.summary(), "name": blk.name,
+                                  "kernel_impl": r.kernel, "word_bits": spec.word_bits})
+    reasons = {m.name: m.reason for m in onnx_misses}
+    reasons.update({m.name: m.reason for m in relax_misses})
+    rewritten = {b.name for b in onnx_blocks} if same else set()
+    for o in onnx_blocks:
+        if o.name not in rewritten:
+            reasons[o.name] = "ABC pattern found in ONNX but not rewritten in Relax"
+    for i, node in enumerate(proto.graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        if name in covered or node.op_type == "Constant":
+            continue
+        if node.op_type in ("Identity", "Cast") and not node.input:
+            continue
+        reason = reasons.get(name, "no binary form (float op)" if node.op_type != "Conv"
+                             else "not an ABC convolution")
+        report.float_ops.append({"name": name, "op": node.op_type, "reason": reason})
+    return report
+
+
+def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
+                  output: str | os.PathLike, report_path: str | os.PathLike | None = None,
+                  quiet: bool = False) -> Report:
+    """Compile an ONNX ABC model for `target` ("x86", "arm", "cuda") into `output` (.so).
+
+    Writes the .so, its manifest `<output>.json` and, if asked, the JSON report; nothing is
+    written when compilation fails.
+    """
+    spec = targets.resolve(target)
+    output = Path(output)
+    if not output.parent.exists():
+        raise UserError(f"output directory {output.parent} does not exist")
+    proto = frontend.load(model)
+    model_name = str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>"
+    onnx_match = pattern.find_abc_blocks(pattern.from_onnx(proto))
+    for miss in onnx_match[1]:
+        if miss.error:
+            raise UserError(f"{miss.name}: {miss.reason}")
+    mod = frontend.to_relax(proto)
+    mod, rewritten, misses = rewrite(mod, spec.target, spec.word_bits)
+    report = _report(proto, model_name, spec, onnx_match, rewritten, misses)
+    if not rewritten:
+        print("abc-tvm compile: warning: no ABC convolution found; the model runs entirely in "
+              "float", file=sys.stderr)
+    with tvm.transform.PassContext(opt_level=3):
+        ex = tvm.compile(mod, target=spec.target)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=output.parent)
+    os.close(fd)
+    try:
+        kwargs = {}
+        if spec.cross_compiler:
+            kwargs["fcompile"] = tvm.support.cc.cross_compiler(spec.cross_compiler)
+        ex.export_library(tmp, **kwargs)
+        manifest = {
+            "format": "abc-tvm/1",
+            "inputs": [t.as_dict() for t in frontend.inputs(proto)],
+            "outputs": [t.as_dict() for t in frontend.outputs(proto)],
+            "target": {"name": spec.name, "tvm": str(spec.target), "word_bits": spec.word_bits},
+            "tvm_version": tvm.__version__,
+            "sha256": sha256(tmp),
+            "abc_layers": report.abc_layers,
+        }
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    Path(str(output) + MANIFEST_SUFFIX).write_text(json.dumps(manifest, indent=1))
+    if report_path is not None:
+        Path(report_path).write_text(json.dumps(report.as_dict(), indent=1))
+    if not quiet:
+        print(report.table())
+        print(f"wrote {output} and {output}{MANIFEST_SUFFIX}")
+    return report

@@ -1,0 +1,167 @@
+"""`abc-tvm compile` and `abc-tvm run` as a user meets them: outputs, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from abc_tvm.export import to_onnx
+from abc_tvm.nn import ABCConv2d
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "abc_tvm.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=600)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, command: str, *words: str) -> None:
+    """Exit 2, exactly one stderr line naming the problem, no traceback."""
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"abc-tvm {command}: error:"), lines[0]
+    assert "Traceback" not in proc.stderr
+    for w in words:
+        assert w.lower() in lines[0].lower(), lines[0]
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        ABCConv2d(6, 8, 3, padding=1, M=2, N=2), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        ABCConv2d(8, 8, 3, stride=2, padding=1, M=3, N=1, channelwise=True, act="unipolar"),
+    )
+    path = tmp_path_factory.mktemp("m") / "small.onnx"
+    to_onnx(net, torch.rand(1, 6, 10, 10), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def compiled(small_model, tmp_path_factory) -> tuple[Path, Path]:
+    out = tmp_path_factory.mktemp("c")
+    so, report = out / "small.so", out / "report.json"
+    proc = cli("compile", str(small_model), "--target", "x86", "-o", str(so),
+               "--report", str(report))
+    assert proc.returncode == 0, proc.stderr
+    assert "2 ABC layer(s)" in proc.stdout
+    return so, report
+
+
+def test_compile_writes_so_manifest_and_report(compiled, small_model):
+    so, report_path = compiled
+    manifest = json.loads(Path(str(so) + ".json").read_text())
+    assert manifest["inputs"] == [{"name": "input", "shape": [1, 6, 10, 10], "dtype": "float32"}]
+    assert manifest["outputs"][0]["shape"] == [1, 8, 5, 5]
+    assert manifest["target"]["name"] == "x86"
+    import hashlib
+    assert manifest["sha256"] == hashlib.sha256(so.read_bytes()).hexdigest()
+    report = json.loads(report_path.read_text())
+    layers = report["abc_layers"]
+    assert [(a["M"], a["N"], a["alpha"], a["act"]) for a in layers] == [
+        (2, 2, "layer", "bipolar"), (3, 1, "channel", "unipolar")]
+    assert all("kernel_impl" in a and a["name"] for a in layers)
+    float_ops = {f["op"] for f in report["float_ops"]}
+    assert {"BatchNormalization", "Relu"} <= float_ops
+    assert "Conv" not in float_ops
+
+
+def test_run_matches_onnxruntime(compiled, small_model, tmp_path):
+    so, _ = compiled
+    x = np.random.default_rng(1).uniform(-0.5, 1.5, (1, 6, 10, 10)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    proc = cli("run", str(so), "--input", str(tmp_path / "x.npy"),
+               "--output", str(tmp_path / "y.npy"))
+    assert proc.returncode == 0, proc.stderr
+    y = np.load(tmp_path / "y.npy")
+    ref = ort.InferenceSession(str(small_model)).run(None, {"input": x})[0]
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    summary = cli("run", str(so), "--input", str(tmp_path / "x.npy"))
+    assert summary.returncode == 0 and "output shape [1, 8, 5, 5]" in summary.stdout
+
+
+def test_run_refuses_tampered_so(compiled, tmp_path):
+    so, _ = compiled
+    bad = tmp_path / "bad.so"
+    data = bytearray(so.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    Path(str(bad) + ".json").write_text(Path(str(so) + ".json").read_text())
+    np.save(tmp_path / "x.npy", np.zeros((1, 6, 10, 10), np.float32))
+    assert_user_error(cli("run", str(bad), "--input", str(tmp_path / "x.npy")), "run", "sha256")
+
+
+def test_run_refuses_wrong_shape_and_dtype(compiled, tmp_path):
+    so, _ = compiled
+    np.save(tmp_path / "x.npy", np.zeros((1, 6, 9, 10), np.float32))
+    assert_user_error(cli("run", str(so), "--input", str(tmp_path / "x.npy")), "run", "shape")
+    np.save(tmp_path / "x64.npy", np.zeros((1, 6, 10, 10), np.float64))
+    assert_user_error(cli("run", str(so), "--input", str(tmp_path / "x64.npy")), "run",
+                      "float32")
+
+
+def _bad_compile(tmp_path: Path, model: Path | str, *words: str, target: str = "x86",
+                 env: dict | None = None) -> None:
+    out = tmp_path / "out.so"
+    proc = cli("compile", str(model), "--target", target, "-o", str(out), env=env)
+    assert_user_error(proc, "compile", *words)
+    assert not out.exists() and not Path(str(out) + ".json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".so"], "partial output left"
+
+
+def test_compile_rejects_garbage_and_truncated(tmp_path, small_model):
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x08\x07 this is not a protobuf \xff\xff\xff")
+    _bad_compile(tmp_path, garbage, "onnx")
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(small_model.read_bytes()[: small_model.stat().st_size // 2])
+    _bad_compile(tmp_path, truncated)
+    _bad_compile(tmp_path, tmp_path / "missing.onnx", "no such")
+
+
+def _tiny_graph(opset: int = 17, dim: int | str = 4, drop_init: bool = False) -> onnx.ModelProto:
+    w = helper.make_tensor("w", TensorProto.FLOAT, [2, 3, 1, 1], np.ones(6, np.float32))
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, dim, 4])
+    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 2, dim, 4])
+    node = helper.make_node("Conv", ["input", "w"], ["output"])
+    graph = helper.make_graph([node], "g", [x], [y], [] if drop_init else [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_compile_rejects_opset_dynamic_shape_missing_initializer(tmp_path):
+    for name, model, words in [
+        ("opset.onnx", _tiny_graph(opset=7), ("opset",)),
+        ("dynamic.onnx", _tiny_graph(dim="H"), ("dynamic", "input")),
+        ("noinit.onnx", _tiny_graph(drop_init=True), ("initializer",)),
+    ]:
+        onnx.save(model, tmp_path / name)
+        _bad_compile(tmp_path, tmp_path / name, *words)
+
+
+def test_compile_rejects_bases_not_pm1(tmp_path, small_model):
+    model = onnx.load(small_model)
+    for t in model.graph.initializer:
+        if t.name.endswith(".bases"):
+            arr = onnx.numpy_helper.to_array(t).copy()
+            arr.reshape(-1)[0] = 0.5
+            t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
+            break
+    onnx.save(model, tmp_path / "bad_bases.onnx")
+    _bad_compile(tmp_path, tmp_path / "bad_bases.onnx", "±1")
+
+
+def test_compile_rejects_unknown_target_and_missing_toolchains(tmp_path, small_model):
+    _bad_compile(tmp_path, small_model, "unknown target", target="riscv")
+    bare = {**os.environ, "PATH": str(tmp_path)}  # neither aarch64 g++ nor nvcc on PATH
+    _bad_compile(tmp_path, small_model, "aarch64-linux-gnu-g++", target="arm", env=bare)
+    _bad_compile(tmp_path, small_model, "nvcc", target="cuda", env=bare)
