@@ -163,7 +163,7 @@ class FrozenABC:
 
 
 class ABCConv2d(_ABCBase):
-    """Conv2d with ABC weights (M bases) and ABC activations (N planes); no bias (as in the paper)."""
+    """Conv2d with ABC weights (M bases) and activations (N planes); no bias, as in the paper."""
 
     def __init__(
         self,

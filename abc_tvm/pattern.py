@@ -375,7 +375,7 @@ def find_abc_blocks(g: Graph) -> tuple[list[ABCBlock], list[Miss]]:
         members = _leaves(g, root, same) if add_ops else [b]
         if any(m.conv.attrs != b.conv.attrs for m in members):
             for m in members:
-                misses.append(Miss(m.conv.name, "Conv", "summed branches differ in conv attributes"))
+                misses.append(Miss(m.conv.name, "Conv", "summed branches differ in conv attrs"))
                 taken.add(m.out)
             continue
         try:

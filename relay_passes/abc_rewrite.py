@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import tvm
+from abc_tvm.schedules import abc_conv_func, bitpack_func
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from abc_tvm import pattern
 from abc_tvm.reference import pack_weights
-from abc_tvm.schedules import abc_conv_func, bitpack_func
 
 # Relax ops in ONNX's vocabulary, for the matcher.
 _OPS = {

@@ -1,0 +1,457 @@
+"""The TVM kernels of `abc_tvm.schedules` against the NumPy oracle `abc_tvm.reference`.
+
+Bit-pack and the integer dot stage must match bit for bit; the fused float output within
+float32 summation error. Shapes are a seeded random draw over the ranges that break
+kernels (channels around the word size, stride, asymmetric padding, kernel 1/3/5, M and N
+up to 8), kept small so the file runs in well under a minute. Compiled kernels are cached
+per shape. aarch64 and CUDA are checked by their generated code (`cnt`, `__popc`), and CUDA
+runs only where a GPU exists.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import shutil
+import subprocess
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from abc_tvm import reference as ref
+from abc_tvm import schedules
+
+HOST = tvm.target.Target.from_device("cpu")
+ARM = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
+CROSS_CXX = "aarch64-linux-gnu-g++"
+
+
+def cuda_target() -> tvm.target.Target:
+    return tvm.target.Target({"kind": "cuda", "arch": "sm_80"}, host=HOST)
+
+
+# ------------------------------------------------------------------------------ cases
+
+
+@dataclass(frozen=True)
+class Case:
+    """One convolution layer: everything that makes a kernel static."""
+
+    batch: int
+    channels: int
+    height: int
+    width: int
+    out_channels: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int, int, int]
+    M: int  # noqa: N815 - the paper's names
+    N: int  # noqa: N815
+    bipolar: bool
+    word_bits: int = 64
+
+    @property
+    def act(self) -> str:
+        return "bipolar" if self.bipolar else "unipolar"
+
+    @property
+    def args(self) -> tuple:
+        return (
+            self.batch,
+            self.channels,
+            self.height,
+            self.width,
+            self.out_channels,
+            self.kernel,
+            self.stride,
+            self.padding,
+            self.M,
+            self.N,
+            self.bipolar,
+            self.word_bits,
+        )
+
+    def __str__(self) -> str:
+        pads = ",".join(map(str, self.padding))
+        return (
+            f"b{self.batch}c{self.channels}_{self.height}x{self.width}o{self.out_channels}"
+            f"_k{self.kernel[0]}x{self.kernel[1]}s{self.stride[0]}x{self.stride[1]}p{pads}"
+            f"_m{self.M}n{self.N}_{self.act}_u{self.word_bits}"
+        )
+
+
+def _fits(c: Case) -> bool:
+    top, left, bottom, right = c.padding
+    return c.height + top + bottom >= c.kernel[0] and c.width + left + right >= c.kernel[1]
+
+
+def _draw_cases(seed: int, count: int) -> list[Case]:
+    """A seeded random selection over the ranges that matter; fixed edge cases first."""
+    fixed = [
+        # Interior + border, one word, ResNet-like 3x3 pad 1.
+        Case(1, 64, 6, 6, 8, (3, 3), (1, 1), (1, 1, 1, 1), 3, 3, True),
+        # Channels 1 and one past a word; asymmetric padding; stride 2.
+        Case(2, 1, 5, 7, 3, (3, 3), (2, 2), (0, 1, 2, 1), 2, 1, True),
+        Case(1, 65, 5, 5, 16, (3, 3), (2, 1), (1, 0, 1, 2), 1, 2, False),
+        # Padding larger than the kernel reach: whole output rows in the pad.
+        Case(1, 70, 3, 4, 4, (1, 1), (1, 1), (2, 2, 2, 2), 2, 2, True),
+        # Input smaller than the kernel; 5x5; prime output width (no divisor tile).
+        Case(1, 3, 2, 11, 5, (5, 5), (1, 1), (2, 2, 2, 2), 1, 8, True),
+        # M = N = 8, non-square kernel, width where the pixel tile needs a predicate.
+        Case(2, 63, 4, 13, 12, (1, 3), (1, 2), (0, 1, 0, 1), 8, 8, False),
+        # 32-bit words (the CUDA packing) on the CPU kernels.
+        Case(1, 33, 5, 6, 8, (3, 3), (1, 1), (1, 1, 1, 1), 2, 3, True, 32),
+        Case(2, 70, 4, 5, 3, (3, 3), (2, 2), (1, 2, 0, 1), 3, 2, False, 32),
+    ]
+    rng = random.Random(seed)
+    drawn: list[Case] = []
+    while len(drawn) < count:
+        kh = rng.choice([1, 3, 5])
+        kw = kh if rng.random() < 0.8 else rng.choice([1, 3, 5])
+        if rng.random() < 0.6:
+            padding = (rng.choice([0, 1, 2]),) * 4
+        else:
+            padding = tuple(rng.choice([0, 1, 2]) for _ in range(4))
+        sh = rng.choice([1, 2])
+        case = Case(
+            batch=rng.choice([1, 2]),
+            channels=rng.choice([1, 3, 63, 64, 65, 70, 130]),
+            height=rng.randint(1, 8),
+            width=rng.randint(1, 9),
+            out_channels=rng.choice([1, 3, 4, 8, 12, 16]),
+            kernel=(kh, kw),
+            stride=(sh, sh if rng.random() < 0.8 else 3 - sh),
+            padding=padding,  # type: ignore[arg-type]
+            M=rng.randint(1, 8),
+            N=rng.randint(1, 8),
+            bipolar=rng.random() < 0.5,
+            word_bits=64 if rng.random() < 0.85 else 32,
+        )
+        if _fits(case):
+            drawn.append(case)
+    return fixed + drawn
+
+
+CASES = _draw_cases(seed=20240601, count=16)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@functools.cache
+def _compiled_dot(case: Case) -> tvm.runtime.Module:
+    return tvm.compile(schedules.abc_dot_func(*case.args, target=HOST), target=HOST).mod
+
+
+@functools.cache
+def _compiled_conv(case: Case) -> tvm.runtime.Module:
+    return tvm.compile(schedules.abc_conv_func(*case.args, target=HOST), target=HOST).mod
+
+
+@functools.cache
+def _compiled_pack(shape: tuple[int, int, int, int], planes: int, word_bits: int):
+    return tvm.compile(schedules.bitpack_func(*shape, planes, word_bits, HOST), target=HOST).mod
+
+
+def _run(mod: tvm.runtime.Module, *arrays: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Call a compiled kernel with NumPy inputs and a destination-passing output."""
+    dev = tvm.cpu(0)
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in arrays]
+    result = tvm.runtime.tensor(out, dev)
+    mod(*args, result)
+    return result.numpy()
+
+
+@dataclass
+class Layer:
+    """Random inputs for one case, with their packed forms from the reference."""
+
+    x: np.ndarray
+    v: np.ndarray
+    beta: np.ndarray
+    bases: np.ndarray
+    alpha: np.ndarray
+    packed: np.ndarray
+    wbits: np.ndarray
+    wsum: np.ndarray
+
+
+def _layer(case: Case, seed: int) -> Layer:
+    rng = np.random.default_rng(seed)
+    shape = (case.batch, case.channels, case.height, case.width)
+    x = rng.uniform(-1.0, 2.0, shape).astype(np.float32)
+    v = rng.uniform(-0.6, 0.6, case.N).astype(np.float32)
+    beta = rng.normal(0.0, 1.0, case.N).astype(np.float32)
+    bases_shape = (case.M, case.out_channels, case.channels, *case.kernel)
+    bases = np.where(rng.random(bases_shape) < 0.5, -1, 1).astype(np.int8)
+    alpha = rng.normal(0.0, 1.0, (case.M, case.out_channels)).astype(np.float32)
+    packed = ref.pack_activations(x, v, case.word_bits)
+    wbits, wsum = ref.pack_weights(bases, case.word_bits)
+    return Layer(x, v, beta, bases, alpha, packed, wbits, wsum)
+
+
+def _seed(case: Case) -> int:
+    """A per-case seed stable across processes (hash() of a str is salted per run)."""
+    return zlib.crc32(str(case).encode())
+
+
+def _out_hw(case: Case) -> tuple[int, int]:
+    top, left, bottom, right = case.padding
+    oh = (case.height + top + bottom - case.kernel[0]) // case.stride[0] + 1
+    ow = (case.width + left + right - case.kernel[1]) // case.stride[1] + 1
+    return oh, ow
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def _near_threshold(shape: tuple[int, ...], v: np.ndarray, rng: np.random.Generator):
+    """x within 3 ulps of 0.5 - v[n]: where any slip in the float32 add or compare flips a bit."""
+    target = np.float32(0.5) - v[rng.integers(0, v.size, shape)]
+    steps = rng.integers(-3, 4, shape)
+    toward = np.where(steps >= 0, np.float32(np.inf), np.float32(-np.inf)).astype(np.float32)
+    x = target.astype(np.float32)
+    for _ in range(3):
+        moved = np.nextafter(x, toward).astype(np.float32)
+        x = np.where(np.abs(steps) > 0, moved, x)
+        steps = steps - np.sign(steps)
+    return x
+
+
+@pytest.mark.parametrize(
+    ("shape", "planes", "word_bits"),
+    [
+        ((1, 1, 3, 4), 1, 64),
+        ((2, 3, 5, 7), 2, 64),
+        ((1, 63, 4, 4), 3, 64),
+        ((1, 64, 3, 17), 8, 64),
+        ((2, 65, 2, 3), 4, 64),
+        ((1, 70, 6, 5), 5, 64),
+        ((1, 130, 2, 2), 2, 64),
+        ((2, 33, 3, 5), 3, 32),
+        ((1, 64, 4, 16), 2, 32),
+    ],
+)
+def test_bitpack_bit_exact(shape: tuple[int, int, int, int], planes: int, word_bits: int):
+    rng = np.random.default_rng(sum(shape) * 31 + planes)
+    v = rng.uniform(-0.6, 0.6, planes).astype(np.float32)
+    x = rng.uniform(-1.0, 2.0, shape).astype(np.float32)
+    # A third of the entries sit on the float32 rounding edge of the threshold.
+    edge = rng.random(shape) < 0.33
+    x = np.where(edge, _near_threshold(shape, v, rng), x).astype(np.float32)
+    x.flat[0] = np.nan  # NaN compares false: bit 0, as in ONNX GreaterOrEqual.
+    expected = ref.pack_activations(x, v, word_bits)
+    b, c, h, w = shape
+    out = np.zeros((planes, b, h, w, schedules.num_words(c, word_bits)), f"uint{word_bits}")
+    got = _run(_compiled_pack(shape, planes, word_bits), x, v, out=out)
+    assert got.dtype == expected.dtype
+    np.testing.assert_array_equal(got, expected)
+
+
+def _ulps_around(center: np.float32, count: int) -> np.ndarray:
+    """The 2*count+1 float32 values nearest to center, in order."""
+    below, above = [center], [center]
+    for _ in range(count):
+        below.append(np.nextafter(below[-1], np.float32(-np.inf)))
+        above.append(np.nextafter(above[-1], np.float32(np.inf)))
+    return np.array(below[:0:-1] + above, dtype=np.float32)
+
+
+def test_bitpack_threshold_uses_float32_sum():
+    """Near 0.5 - v, float32(x + v) >= 0.5 and x >= float32(0.5 - v) disagree: use the first."""
+    v = np.array([0.4819943, -0.6979347, 0.6398147], dtype=np.float32)
+    x = np.concatenate([_ulps_around(np.float32(0.5) - vn, 6) for vn in v])
+    xs = x.reshape(1, -1, 1, 1)
+    expected = ref.pack_activations(xs, v, 64)
+    rewritten = ref.pack_bits(
+        (xs[None] >= (np.float32(0.5) - v)[:, None, None, None, None]).transpose(0, 1, 3, 4, 2), 64
+    )
+    assert not np.array_equal(expected, rewritten), "inputs do not separate the two forms"
+    out = np.zeros(expected.shape, np.uint64)
+    got = _run(_compiled_pack(xs.shape, v.size, 64), xs, v, out=out)
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_dot_bit_exact(case: Case):
+    layer = _layer(case, seed=_seed(case))
+    oh, ow = _out_hw(case)
+    expected = ref.abc_conv_dot(
+        layer.x, layer.v, layer.bases, case.stride, case.padding, case.act, case.word_bits
+    )
+    out = np.zeros((case.M, case.N, case.batch, case.out_channels, oh, ow), np.int32)
+    got = _run(_compiled_dot(case), layer.packed, layer.wbits, layer.wsum, out=out)
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_fused_conv_matches_reference(case: Case):
+    layer = _layer(case, seed=_seed(case))
+    oh, ow = _out_hw(case)
+    expected = ref.abc_conv2d(
+        layer.x,
+        layer.v,
+        layer.beta,
+        layer.bases,
+        layer.alpha,
+        case.stride,
+        case.padding,
+        case.act,
+        case.word_bits,
+    )
+    out = np.zeros((case.batch, case.out_channels, oh, ow), np.float32)
+    args = (layer.packed, layer.wbits, layer.wsum, layer.alpha, layer.beta)
+    got = _run(_compiled_conv(case), *args, out=out)
+    # rtol 1e-5, plus float32 summation error of the M*N terms where they cancel.
+    dot = ref.abc_conv_dot(
+        layer.x, layer.v, layer.bases, case.stride, case.padding, case.act, case.word_bits
+    ).astype(np.float64)
+    scale = np.einsum("mo,n,mnboyx->boyx", np.abs(layer.alpha), np.abs(layer.beta), np.abs(dot))
+    err = np.abs(got.astype(np.float64) - expected)
+    bound = 1e-5 * np.abs(expected) + 1e-6 * scale + 1e-30
+    assert np.all(err <= bound), f"max excess {np.max(err - bound)} at {np.argmax(err - bound)}"
+
+
+def test_primfunc_contract():
+    """What the Relax pass relies on: a named, scheduled, no-alias PrimFunc, tagged block."""
+    case = CASES[0]
+    func = schedules.abc_conv_func(*case.args, target=HOST)
+    assert func.attrs["global_symbol"].startswith("abc_conv_")
+    assert bool(func.attrs["tirx.is_scheduled"])
+    assert bool(func.attrs["tirx.noalias"])
+    assert '"schedule_rule": "abc_conv2d"' in func.script()
+    # TVM 0.27: params are the buffers themselves (no buffer_map).
+    shapes = [tuple(int(d) for d in p.shape) for p in func.params]
+    oh, ow = _out_hw(case)
+    k = schedules.num_words(case.channels, case.word_bits)
+    m, n, o = case.M, case.N, case.out_channels
+    assert shapes == [
+        (n, case.batch, case.height, case.width, k),
+        (m, o, *case.kernel, k),
+        (m, o, *case.kernel),
+        (m, o),
+        (n,),
+        (case.batch, o, oh, ow),
+    ]
+    other = schedules.abc_conv_func(*CASES[1].args, target=HOST)
+    assert other.attrs["global_symbol"] != func.attrs["global_symbol"]
+
+
+def test_call_tir_through_relax():
+    """Added to an IRModule and called with call_tir, the kernel runs in the Relax VM."""
+    case = CASES[0]
+    layer = _layer(case, seed=7)
+    oh, ow = _out_hw(case)
+    func = schedules.abc_conv_func(*case.args, target=HOST)
+    bb = relax.BlockBuilder()
+    inputs = [layer.packed, layer.wbits, layer.wsum, layer.alpha, layer.beta]
+    params = [
+        relax.Var(name, relax.TensorType(a.shape, str(a.dtype)))
+        for name, a in zip(["packed", "wbits", "wsum", "alpha", "beta"], inputs, strict=True)
+    ]
+    with bb.function("main", params):
+        gv = bb.add_func(func, func.attrs["global_symbol"])
+        out_sinfo = relax.TensorType((case.batch, case.out_channels, oh, ow), "float32")
+        with bb.dataflow():
+            y = bb.emit_output(relax.call_tir(gv, params, out_sinfo))
+        bb.emit_func_output(y)
+    ex = tvm.compile(bb.get(), target=HOST)
+    vm = relax.VirtualMachine(ex, tvm.cpu(0))
+    got = vm["main"](*[tvm.runtime.tensor(a, tvm.cpu(0)) for a in inputs]).numpy()
+    direct = _run(_compiled_conv(case), *inputs, out=np.zeros_like(got))
+    np.testing.assert_array_equal(got, direct)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def test_x86_uses_hardware_popcount():
+    """popcount must become popcnt, and vpopcntq where the CPU has AVX-512 VPOPCNTDQ."""
+    if "x86_64" not in str(HOST.attrs.get("mtriple", "")):
+        pytest.skip(f"host target is not x86_64: {HOST}")
+    ex = tvm.compile(schedules.abc_conv_func(*CASES[0].args, target=HOST), target=HOST)
+    asm = ex.mod.inspect_source("asm")
+    assert "popcnt" in asm
+    if "avx512_vpopcntdq" in _cpu_flags():
+        assert "vpopcntq" in asm
+
+
+def test_unknown_target_and_word_size_refused():
+    with pytest.raises(ValueError, match="target kind"):
+        schedules.bitpack_func(1, 3, 2, 2, 1, 64, tvm.target.Target("c"))
+    with pytest.raises(ValueError, match="32-bit"):
+        schedules.abc_dot_func(*CASES[0].args[:-1], 64, target=cuda_target())
+    with pytest.raises(ValueError, match="kernel larger"):
+        schedules.abc_dot_func(1, 3, 2, 2, 1, (5, 5), (1, 1), (0, 0, 0, 0), 1, 1, True, 64, HOST)
+
+
+def test_aarch64_export_uses_neon_cnt(tmp_path: Path):
+    if shutil.which(CROSS_CXX) is None:
+        pytest.skip(f"{CROSS_CXX} not installed (Debian: apt-get install g++-aarch64-linux-gnu)")
+    objdump = shutil.which("aarch64-linux-gnu-objdump")
+    if objdump is None:
+        pytest.skip("aarch64-linux-gnu-objdump not installed (binutils-aarch64-linux-gnu)")
+    from tvm.support import cc
+
+    case = Case(1, 70, 6, 6, 8, (3, 3), (1, 1), (1, 1, 1, 1), 2, 2, True)
+    ex = tvm.compile(schedules.abc_conv_func(*case.args, target=ARM), target=ARM)
+    lib = tmp_path / "abc_conv_arm.so"
+    ex.export_library(str(lib), fcompile=cc.cross_compiler(CROSS_CXX))
+    disasm = subprocess.run(
+        [objdump, "-d", str(lib)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "aarch64" in disasm
+    assert any(line.split("\t")[2:3] == ["cnt"] for line in disasm.splitlines()), "no NEON cnt"
+
+
+def test_cuda_kernel_uses_popc():
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not on PATH: the CUDA toolkit is needed to compile CUDA kernels")
+    case = Case(2, 70, 5, 6, 4, (3, 3), (2, 1), (1, 0, 2, 1), 2, 3, True, 32)
+    target = cuda_target()
+    conv = tvm.compile(schedules.abc_conv_func(*case.args, target=target), target=target)
+    pack = tvm.compile(schedules.bitpack_func(2, 70, 5, 6, 3, 32, target), target=target)
+    source = conv.mod.imports[0].inspect_source()
+    assert "__popc(" in source and "__popcll" not in source
+    assert "blockIdx.x" in source and "threadIdx.x" in source
+    if not tvm.cuda(0).exist:
+        pytest.skip("compiled and checked the CUDA source; no GPU here to run it")
+    layer = _layer(case, seed=3)
+    dev = tvm.cuda(0)
+    oh, ow = _out_hw(case)
+
+    def on_gpu(mod: tvm.runtime.Module, arrays: list[np.ndarray], out: np.ndarray):
+        args = [tvm.runtime.tensor(a, dev) for a in arrays]
+        result = tvm.runtime.tensor(out, dev)
+        mod(*args, result)
+        return result.numpy()
+
+    packed = on_gpu(pack.mod, [layer.x, layer.v], np.zeros(layer.packed.shape, np.uint32))
+    np.testing.assert_array_equal(packed, layer.packed)
+    args = [layer.packed, layer.wbits, layer.wsum, layer.alpha, layer.beta]
+    got = on_gpu(conv.mod, args, np.zeros((case.batch, case.out_channels, oh, ow), np.float32))
+    expected = ref.abc_conv2d(
+        layer.x,
+        layer.v,
+        layer.beta,
+        layer.bases,
+        layer.alpha,
+        case.stride,
+        case.padding,
+        case.act,
+        32,
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
