@@ -39,7 +39,20 @@ def _zoo(args: argparse.Namespace) -> None:
 def _compile(args: argparse.Namespace) -> None:
     from abc_tvm.compiler import compile_model
 
+    if args.bundle is not None and args.target == "x86":
+        raise UserError("--bundle makes a deploy directory for a board: use it with an arm "
+                        "target (e.g. --target arm)")
     compile_model(args.model, args.target, args.output, report_path=args.report)
+    if args.bundle is not None:
+        from abc_tvm.deploy import make_bundle
+
+        make_bundle(args.output, args.bundle)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from abc_tvm.serving import serve_from_args
+
+    serve_from_args(args)
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -85,6 +98,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="x86", help="x86 | arm | cuda")
     c.add_argument("-o", "--output", required=True, type=Path)
     c.add_argument("--report", type=Path, default=None, help="write the JSON report here")
+    c.add_argument("--bundle", type=Path, default=None,
+                   help="also write a self-contained deploy directory (runner + runtime libs)")
     c.set_defaults(func=_compile)
 
     r = sub.add_parser("run", help="run a compiled host-target .so on an .npy input")
@@ -92,6 +107,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--input", required=True, type=Path)
     r.add_argument("--output", type=Path, default=None)
     r.set_defaults(func=_run)
+
+    s = sub.add_parser("serve", help="serve compiled models over the Open Inference Protocol")
+    from abc_tvm.serving_args import add_serve_arguments
+
+    add_serve_arguments(s)
+    s.set_defaults(func=_serve)
     return p
 
 
