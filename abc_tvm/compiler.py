@@ -52,6 +52,20 @@ class Report:
         return "\n".join(lines)
 
 
+def pipeline(spec: targets.TargetSpec) -> tvm.transform.Pass | str:
+    """The Relax pipeline: TVM's default, plus a default schedule for float ops on CPUs."""
+    if spec.kind != "llvm":
+        return "default"  # CUDA: TVM's pipeline schedules float ops with DLight
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from abc_tvm.schedules.float_default import default_cpu_schedule
+
+    t = spec.target
+    return tvm.transform.Sequential(
+        cpu.library_dispatch_passes(t) + cpu.legalize_passes(t) + [default_cpu_schedule]
+        + cpu.dataflow_lower_passes(t) + cpu.finalize_passes(t))
+
+
 def sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -122,7 +136,7 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
         print("abc-tvm compile: warning: no ABC convolution found; the model runs entirely in "
               "float", file=sys.stderr)
     with tvm.transform.PassContext(opt_level=3):
-        ex = tvm.compile(mod, target=spec.target)
+        ex = tvm.compile(mod, target=spec.target, relax_pipeline=pipeline(spec))
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=output.parent)
     os.close(fd)
     try:

@@ -104,3 +104,23 @@ ZOO: dict[str, tuple[Callable[..., ABCResNet], int]] = {
     "abc_resnet18": (abc_resnet18, 224),
     "abc_resnet20": (abc_resnet20, 32),
 }
+
+
+def float_twin(model: nn.Module) -> nn.Module:
+    """The same network with every ABC conv replaced by an ordinary float conv.
+
+    The float conv takes the ABC layer's approximated weight Σ α_m B_m; this is the float peer
+    that benchmarks compare against (same architecture, same FLOPs).
+    """
+    import copy
+
+    twin = copy.deepcopy(model).eval()
+    for name, m in list(twin.named_modules()):
+        for child_name, child in list(m.named_children()):
+            if isinstance(child, ABCConv2d):
+                conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size,
+                                 stride=child.stride, padding=child.padding, bias=False)
+                with torch.no_grad():
+                    conv.weight.copy_(child._eval_weight())
+                setattr(m, child_name, conv)
+    return twin.eval()
