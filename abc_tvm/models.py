@@ -115,7 +115,7 @@ def float_twin(model: nn.Module) -> nn.Module:
     import copy
 
     twin = copy.deepcopy(model).eval()
-    for name, m in list(twin.named_modules()):
+    for m in list(twin.modules()):
         for child_name, child in list(m.named_children()):
             if isinstance(child, ABCConv2d):
                 conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size,
