@@ -1,4 +1,4 @@
-"""The `abc-tvm` command line: zoo, compile, run.
+"""The `abc-tvm` command line: zoo, compile, run, tune, bench, serve.
 
 Bad input (a UserError or ValueError) becomes one line on stderr and exit code 2, never a
 traceback; heavy imports happen inside the subcommands so `--help` is instant.
@@ -42,11 +42,30 @@ def _compile(args: argparse.Namespace) -> None:
     if args.bundle is not None and args.target == "x86":
         raise UserError("--bundle makes a deploy directory for a board: use it with an arm "
                         "target (e.g. --target arm)")
-    compile_model(args.model, args.target, args.output, report_path=args.report)
+    compile_model(args.model, args.target, args.output, report_path=args.report,
+                  tuning_log=args.tuning_log)
     if args.bundle is not None:
         from abc_tvm.deploy import make_bundle
 
         make_bundle(args.output, args.bundle)
+
+
+def _tune(args: argparse.Namespace) -> None:
+    from abc_tvm.tuning import tune_model
+
+    runner = "local"
+    if args.rpc_tracker:
+        from abc_tvm.rpc import rpc_runner
+
+        runner = rpc_runner(args.rpc_tracker, args.rpc_key)
+    log = args.log or args.model.with_name(f"{args.model.stem}.tuning-{args.target}")
+    tune_model(args.model, args.target, args.trials, log, runner=runner)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from abc_tvm.bench import bench_from_args
+
+    bench_from_args(args)
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -100,13 +119,34 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--report", type=Path, default=None, help="write the JSON report here")
     c.add_argument("--bundle", type=Path, default=None,
                    help="also write a self-contained deploy directory (runner + runtime libs)")
+    c.add_argument("--tuning-log", type=Path, default=None,
+                   help="MetaSchedule database dir (default: matching shipped tuning_logs/)")
     c.set_defaults(func=_compile)
+
+    t = sub.add_parser("tune", help="tune a model's kernels with MetaSchedule (XGBoost)")
+    t.add_argument("model", type=Path)
+    t.add_argument("--target", default="x86", help="x86 | arm")
+    t.add_argument("--trials", type=int, required=True, help="total trials (a rerun resumes)")
+    t.add_argument("--log", type=Path, default=None,
+                   help="database directory (default: MODEL.tuning-TARGET beside the model)")
+    t.add_argument("--rpc-tracker", default=None, help="HOST:PORT of a TVM RPC tracker")
+    t.add_argument("--rpc-key", default=None, help="device key registered at the tracker")
+    t.set_defaults(func=_tune)
 
     r = sub.add_parser("run", help="run a compiled host-target .so on an .npy input")
     r.add_argument("module", type=Path)
     r.add_argument("--input", required=True, type=Path)
     r.add_argument("--output", type=Path, default=None)
     r.set_defaults(func=_run)
+
+    b = sub.add_parser("bench", help="benchmark abc-tvm against its float and binary peers")
+    try:  # TEMP until bench_args lands
+        from abc_tvm.bench_args import add_bench_arguments
+
+        add_bench_arguments(b)
+    except ModuleNotFoundError:
+        pass
+    b.set_defaults(func=_bench)
 
     s = sub.add_parser("serve", help="serve compiled models over the Open Inference Protocol")
     from abc_tvm.serving_args import add_serve_arguments

@@ -28,10 +28,11 @@ class Report:
     target: str
     abc_layers: list[dict] = field(default_factory=list)
     float_ops: list[dict] = field(default_factory=list)
+    tuning: list[str] = field(default_factory=list)  # databases applied
 
     def as_dict(self) -> dict:
         return {"model": self.model, "target": self.target, "abc_layers": self.abc_layers,
-                "float_ops": self.float_ops}
+                "float_ops": self.float_ops, "tuning_databases": self.tuning}
 
     def table(self) -> str:
         """A short human summary: one line per ABC layer, float ops counted by reason."""
@@ -48,22 +49,49 @@ class Report:
         for f in self.float_ops:
             counts[(f["op"], f["reason"])] = counts.get((f["op"], f["reason"]), 0) + 1
         lines.append(f"{len(self.float_ops)} op(s) left in float:")
+        if self.tuning:
+            lines.insert(1, f"  tuning database(s): {', '.join(self.tuning)}")
         lines += [f"  {n:>4} x {op:<20} {reason}" for (op, reason), n in sorted(counts.items())]
         return "\n".join(lines)
 
 
-def pipeline(spec: targets.TargetSpec) -> tvm.transform.Pass | str:
-    """The Relax pipeline: TVM's default, plus a default schedule for float ops on CPUs."""
+def pipeline(spec: targets.TargetSpec, database=None,
+             fallback: dict[str, tvm.tirx.PrimFunc] | None = None) -> tvm.transform.Pass | str:
+    """The Relax pipeline for a target.
+
+    CPUs: TVM's CPU passes, then the tuning database's schedules (if any), then the
+    hand-written ABC schedules for kernels the database has no record of (`fallback`, by
+    name), then a default parallel/vectorised schedule for the float ops still unscheduled.
+    CUDA: TVM's default pipeline (DLight schedules the float ops).
+    """
     if spec.kind != "llvm":
-        return "default"  # CUDA: TVM's pipeline schedules float ops with DLight
+        return "default"
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     from abc_tvm.schedules.float_default import default_cpu_schedule
+    from abc_tvm.tuning import apply_database_pass
 
     t = spec.target
+    tuned = [apply_database_pass(database), _fallback_pass(fallback or {})] if database else []
     return tvm.transform.Sequential(
-        cpu.library_dispatch_passes(t) + cpu.legalize_passes(t) + [default_cpu_schedule]
+        cpu.library_dispatch_passes(t) + cpu.legalize_passes(t) + tuned + [default_cpu_schedule]
         + cpu.dataflow_lower_passes(t) + cpu.finalize_passes(t))
+
+
+def _fallback_pass(fallback: dict[str, tvm.tirx.PrimFunc]) -> tvm.transform.Pass:
+    """Swap in the scheduled kernel for every ABC kernel still unscheduled."""
+
+    @tvm.transform.module_pass(opt_level=0, name="ABCScheduleFallback")
+    def _swap(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        for gv, func in list(mod.functions.items()):
+            attrs = func.attrs if isinstance(func, tvm.tirx.PrimFunc) else None
+            if attrs is None or "tirx.is_scheduled" in attrs:
+                continue
+            if gv.name_hint in fallback:
+                mod[gv] = fallback[gv.name_hint]
+        return mod
+
+    return _swap
 
 
 def sha256(path: str | os.PathLike) -> str:
@@ -113,11 +141,12 @@ def _report(proto: onnx.ModelProto, model_name: str, spec: targets.TargetSpec,
 
 def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
                   output: str | os.PathLike, report_path: str | os.PathLike | None = None,
-                  quiet: bool = False) -> Report:
+                  quiet: bool = False, tuning_log: str | os.PathLike | None = None) -> Report:
     """Compile an ONNX ABC model for `target` ("x86", "arm", "cuda") into `output` (.so).
 
-    Writes the .so, its manifest `<output>.json` and, if asked, the JSON report; nothing is
-    written when compilation fails.
+    Applies the MetaSchedule database in `tuning_log`, or else any shipped one in
+    tuning_logs/ whose records match (CPU targets). Writes the .so, its manifest
+    `<output>.json` and, if asked, the JSON report; nothing is written when it fails.
     """
     spec = targets.resolve(target)
     output = Path(output)
@@ -130,13 +159,27 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
         if miss.error:
             raise UserError(f"{miss.name}: {miss.reason}")
     mod = frontend.to_relax(proto)
-    mod, rewritten, misses = rewrite(mod, spec.target, spec.word_bits)
+    database, fallback = None, None
+    if spec.kind == "llvm":
+        from abc_tvm.tuning import find_databases, load_databases
+
+        database = load_databases(find_databases(tuning_log))
+    elif tuning_log is not None:
+        raise UserError("--tuning-log applies to CPU targets (x86, arm) only for now")
+    if database is not None:
+        scheduled, _, _ = rewrite(mod, spec.target, spec.word_bits)
+        fallback = {gv.name_hint: f for gv, f in scheduled.functions.items()
+                    if isinstance(f, tvm.tirx.PrimFunc)}
+    tunable = {"tunable": True} if database is not None else {}  # TEMP until rewrite has it
+    mod, rewritten, misses = rewrite(mod, spec.target, spec.word_bits, **tunable)
     report = _report(proto, model_name, spec, onnx_match, rewritten, misses)
+    report.tuning = [str(p) for p in find_databases(tuning_log)] if database else []
     if not rewritten:
         print("abc-tvm compile: warning: no ABC convolution found; the model runs entirely in "
               "float", file=sys.stderr)
     with tvm.transform.PassContext(opt_level=3):
-        ex = tvm.compile(mod, target=spec.target, relax_pipeline=pipeline(spec))
+        ex = tvm.compile(mod, target=spec.target,
+                         relax_pipeline=pipeline(spec, database, fallback))
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=output.parent)
     os.close(fd)
     try:

@@ -1,0 +1,144 @@
+"""`abc-tvm tune`: MetaSchedule (XGBoost cost model) over every task of a model.
+
+The ABC kernels enter the search unscheduled, carrying a `schedule_rule` annotation, so
+MetaSchedule explores their hand-written schedule's knobs through the custom rules that
+`abc_tvm.schedules` registers; the float ops get MetaSchedule's generic rules. Records go to
+a MetaSchedule JSON database in the log directory; a second run continues from it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tqdm import tqdm
+from tvm.s_tir import meta_schedule as ms
+from tvm.ir.utils import derived_object
+
+from abc_tvm import frontend, targets
+from abc_tvm.errors import UserError
+from abc_tvm.relay_passes.abc_rewrite import rewrite
+
+SHIPPED_LOGS = Path(__file__).resolve().parent.parent / "tuning_logs"
+RECORDS = "database_tuning_record.json"
+WORKLOADS = "database_workload.json"
+
+
+def open_database(log_dir: str | os.PathLike) -> ms.database.JSONDatabase:
+    """The MetaSchedule JSON database kept in `log_dir` (created if missing)."""
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(path_workload=str(log_dir / WORKLOADS),
+                                    path_tuning_record=str(log_dir / RECORDS))
+
+
+def find_databases(tuning_log: str | os.PathLike | None) -> list[Path]:
+    """The database directories to apply: the one asked for, else every shipped one."""
+    if tuning_log is not None:
+        path = Path(tuning_log)
+        if not (path / RECORDS).is_file():
+            raise UserError(f"--tuning-log {path} holds no MetaSchedule database ({RECORDS}); "
+                            "run `abc-tvm tune ... --log DIR` first")
+        return [path]
+    if not SHIPPED_LOGS.is_dir():
+        return []
+    return sorted(p.parent for p in SHIPPED_LOGS.glob(f"*/{RECORDS}"))
+
+
+def load_databases(dirs: list[Path]) -> ms.database.Database | None:
+    """One database over all `dirs` (records of the same workload: the fastest wins)."""
+    dbs = [open_database(d) for d in dirs]
+    if not dbs:
+        return None
+    return dbs[0] if len(dbs) == 1 else ms.database.UnionDatabase(*dbs)
+
+
+@derived_object
+class _Progress(ms.measure_callback.PyMeasureCallback):
+    """A tqdm bar over measured trials, showing the best latency found per task."""
+
+    def __init__(self, bar: tqdm, weights: list[float]) -> None:
+        super().__init__()
+        self.bar = bar
+        self.weights = weights
+        self.best: dict[int, float] = {}
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
+              runner_results) -> None:
+        times = [float(np.mean([float(s) for s in r.run_secs])) for r in runner_results
+                 if r.error_msg is None and r.run_secs]
+        if times:
+            self.best[task_id] = min(self.best.get(task_id, np.inf), min(times))
+        est = sum(self.weights[t] * s for t, s in self.best.items()) * 1e3
+        self.bar.set_postfix_str(f"tasks tuned {len(self.best)}/{len(self.weights)}, "
+                                 f"est. latency of tuned tasks {est:.2f} ms")
+        self.bar.update(len(runner_results))
+
+
+@dataclass
+class TuneResult:
+    log_dir: Path
+    tasks: int
+    trials_before: int
+    trials_run: int
+
+
+def extract(model: str | os.PathLike, spec: targets.TargetSpec) -> list:
+    """The tuning tasks of a model: its rewritten Relax module's fused PrimFuncs."""
+    proto = frontend.load(model)
+    mod, rewritten, _ = rewrite(frontend.to_relax(proto), spec.target, spec.word_bits,
+                                tunable=True)
+    return ms.relax_integration.extract_tasks(mod, spec.target)
+
+
+def tune_model(model: str | os.PathLike, target: str, trials: int, log_dir: str | os.PathLike,
+               runner: ms.runner.Runner | str = "local", trials_per_iter: int = 16,
+               quiet: bool = False) -> TuneResult:
+    """Tune `model` for `target` until `log_dir` holds `trials` measured trials in all."""
+    if trials < 1:
+        raise UserError(f"--trials must be at least 1 (got {trials})")
+    spec = targets.resolve(target)
+    log_dir = Path(log_dir)
+    database = open_database(log_dir)
+    before = len(database)
+    remaining = trials - before
+    if remaining <= 0:
+        if not quiet:
+            print(f"{log_dir} already holds {before} trials (asked for {trials}): nothing to do")
+        return TuneResult(log_dir, 0, before, 0)
+    extracted = extract(model, spec)
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        extracted, str(log_dir), num_threads="physical")
+    if not contexts:
+        raise UserError("the model has no tunable task")
+    total_w = sum(weights)
+    with tqdm(total=remaining, desc=f"tuning {len(contexts)} tasks", unit="trial",
+              disable=quiet) as bar:
+        progress = _Progress(bar, [w / total_w for w in weights])
+        ms.tune.tune_tasks(
+            tasks=contexts, task_weights=weights, work_dir=str(log_dir),
+            max_trials_global=remaining,
+            num_trials_per_iter=min(trials_per_iter, remaining),
+            builder="local", runner=runner, database=database, cost_model="xgb",
+            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
+                               progress],
+        )
+    run = len(database) - before
+    if not quiet:
+        print(f"{run} trials measured over {len(contexts)} tasks; database: {log_dir} "
+              f"({len(database)} records)")
+    return TuneResult(log_dir, len(contexts), before, run)
+
+
+def apply_database_pass(database: ms.database.Database) -> tvm.transform.Pass:
+    """MetaSchedule's ApplyDatabase bound to `database` (used inside the compile pipeline)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="ABCApplyTuningDatabase")
+    def _apply(mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with database:
+            return tvm.relax.transform.MetaScheduleApplyDatabase()(mod)
+
+    return _apply
