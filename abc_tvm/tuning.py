@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import tvm
 from tqdm import tqdm
-from tvm.s_tir import meta_schedule as ms
 from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
 
 from abc_tvm import frontend, targets
 from abc_tvm.errors import UserError
