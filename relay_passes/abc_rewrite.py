@@ -1,22 +1,40 @@
 """The ABC rewrite: find ABC blocks in a Relax function and replace each by binary kernels.
 
-Every block `Y = Σ_n β_n Conv(A_n(X), Σ_m α_m B_m)` becomes
+Every block `Y = Σ_n β_n Conv(A_n(X), Σ_m α_m B_m)` becomes binary kernels with the bases
+packed at compile time. Matching is `abc_tvm.pattern` (the same matcher the exporter's
+checker uses) on an op graph read from the Relax bindings; what it does not match is left as
+it is, so it runs as ordinary float ops.
+
+x86 (fused glue): each block and the float ops after it that have no other consumer —
+BatchNorm (inference), per-channel scale/bias, one residual Add, ReLU — become one kernel
+(`schedules.abc_block_func`) that writes the next ABC layer's packed bit-planes directly
+where every ABC consumer of the activation shares one set of shifts, and a float NHWC tensor
+only where something else (a residual, a float layer, the output) reads it:
+    packed' = call_tir(abc_block, packed, Bbits, αβ, Q, ..., scale, shift, res_nhwc, v')
+NHWC floats become NCHW (permute_dims) only for float consumers; the ABC region is NHWC.
+
+Other targets:
     packed = call_tir(bitpack, X, v)            # N bit-planes, NHWC words
     Y      = call_tir(abc_conv2d, packed, Bbits, Σ_c B, α, β)
-with the bases packed at compile time. Matching is `abc_tvm.pattern` (the same matcher the
-exporter's checker uses) on an op graph read from the Relax bindings; what it does not match
-is left as it is, so it runs as ordinary float ops.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 import tvm
-from abc_tvm.schedules import abc_conv_func, bitpack_func
+from abc_tvm.relay_passes import float_layout
+from abc_tvm.schedules import (
+    abc_block_func,
+    abc_conv_func,
+    bitpack_func,
+    bitpack_nhwc_func,
+    block_vector,
+    compute,
+)
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
@@ -43,6 +61,7 @@ class Rewritten:
 
     block: pattern.ABCBlock
     kernel: str
+    glue: list[str] = field(default_factory=list)  # ONNX op types fused into the kernel
 
 
 def _graph(func: relax.Function) -> tuple[pattern.Graph, dict[str, relax.Var]]:
@@ -77,7 +96,8 @@ def _graph(func: relax.Function) -> tuple[pattern.Graph, dict[str, relax.Var]]:
                         [v] if isinstance(v, relax.Var) else [])
                 out = name(b.var)
                 ins = [name(r) for r in refs if isinstance(r, relax.Var)]
-                ops.append(pattern.Op(out, type(v).__name__, ins, [out]))
+                extra = {"index": int(v.index)} if isinstance(v, relax.TupleGetItem) else {}
+                ops.append(pattern.Op(out, type(v).__name__, ins, [out], extra))
                 continue
             op = v.op.name
             if op == "relax.call_tir":
@@ -118,6 +138,11 @@ def _graph(func: relax.Function) -> tuple[pattern.Graph, dict[str, relax.Var]]:
                              pads=[int(p) for p in a.padding],
                              dilations=[int(d) for d in a.dilation])
                 attrs.setdefault("group", int(a.groups))
+            elif op == "relax.nn.batch_norm":
+                a = v.attrs
+                attrs = {"axis": int(a.axis), "epsilon": float(a.epsilon),
+                         "center": bool(a.center), "scale": bool(a.scale),
+                         "training": bool(a.training)}
             ops.append(pattern.Op(out, _OPS.get(op, op), ins, [out], attrs))
     if isinstance(func.body.body, relax.Var):
         ops.append(pattern.Op("return", "Return", [name(func.body.body)], []))
@@ -133,9 +158,10 @@ class _Rewriter(PyExprMutator):
     """Replace each block's output binding with the bitpack + ABC conv calls."""
 
     def __init__(self, mod: tvm.IRModule, plans: dict, target: tvm.target.Target,
-                 word_bits: int) -> None:
+                 word_bits: int, scheduled: bool = True) -> None:
         super().__init__(mod)
         self.plans, self.target, self.word_bits = plans, target, word_bits
+        self.scheduled = scheduled
         self.kernels: list[str] = []
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
@@ -150,10 +176,11 @@ class _Rewriter(PyExprMutator):
         w = self.word_bits
         K = -(-C // w)
         udt = f"uint{w}"
-        pack = bitpack_func(B, C, H, W, block.N, w, self.target)
+        pack = bitpack_func(B, C, H, W, block.N, w, self.target, scheduled=self.scheduled)
         conv = abc_conv_func(B, C, H, W, O, kernel=(kh, kw), stride=block.strides,
                              padding=block.pads, M=M, N=block.N,
-                             bipolar=block.act == "bipolar", word_bits=w, target=self.target)
+                             bipolar=block.act == "bipolar", word_bits=w, target=self.target,
+                             scheduled=self.scheduled)
         # kernels are named by their shapes, so layers of one shape share one kernel
         pack_gv = self.builder_.add_func(pack, str(pack.attrs["global_symbol"]))
         conv_gv = self.builder_.add_func(conv, str(conv.attrs["global_symbol"]))
@@ -172,9 +199,271 @@ class _Rewriter(PyExprMutator):
         self.kernels.append(conv_gv.name_hint)
 
 
+# ------------------------------------------------------------------------- fused glue (x86)
+
+
+@dataclass
+class _Glue:
+    """The float ops fused after one ABC block: z = relu?(y * scale + shift + res)."""
+
+    end: str  # graph value the chain ends in (what later ops read)
+    scale: np.ndarray | None = None
+    shift: np.ndarray | None = None
+    residual: str | None = None
+    relu: bool = False
+    ops: list[str] = field(default_factory=list)  # graph values of the fused ops
+    kinds: list[str] = field(default_factory=list)  # their op kinds, for the report
+
+
+def _per_channel(c: np.ndarray, channels: int) -> np.ndarray | None:
+    """A constant that broadcasts over NCHW as one value per channel, as float32 [C]."""
+    c = np.asarray(c)
+    if c.dtype != np.float32:
+        return None
+    if c.size == 1:
+        return np.full(channels, c.reshape(()), np.float32)
+    if c.size == channels and c.ndim >= 3 and c.shape[-2:] == (1, 1) and c.shape[-3] == channels:
+        return c.reshape(channels).astype(np.float32)
+    return None
+
+
+def _affine(glue: _Glue, s: np.ndarray | None, t: np.ndarray | None, channels: int) -> None:
+    """Compose z*s + t after the glue's affine so far (float32, as the ops would round)."""
+    s0 = glue.scale if glue.scale is not None else np.ones(channels, np.float32)
+    t0 = glue.shift if glue.shift is not None else np.zeros(channels, np.float32)
+    if s is not None:
+        s0, t0 = (s0 * s).astype(np.float32), (t0 * s).astype(np.float32)
+    if t is not None:
+        t0 = (t0 + t).astype(np.float32)
+    glue.scale, glue.shift = s0, t0
+
+
+def _batch_norm(g: pattern.Graph, op: pattern.Op, channels: int):
+    """Inference BatchNorm over channels as (scale, shift), folded as ONNX Runtime folds it:
+    scale = gamma / sqrt(var + eps), shift = beta - mean * scale (float32)."""
+    a = op.attrs
+    if a.get("training", True) or a.get("axis") != 1 or len(op.inputs) != 5:
+        return None
+    consts = [g.const(i) for i in op.inputs[1:]]
+    if any(c is None or np.asarray(c).size != channels for c in consts):
+        return None
+    gamma, beta, mean, var = (np.asarray(c, np.float32).reshape(channels) for c in consts)
+    if not a.get("scale", True):
+        gamma = np.ones(channels, np.float32)
+    if not a.get("center", True):
+        beta = np.zeros(channels, np.float32)
+    inv_std = np.float32(1.0) / np.sqrt(var + np.float32(a["epsilon"]))
+    scale = (inv_std * gamma).astype(np.float32)
+    return scale, (beta - mean * scale).astype(np.float32)
+
+
+def _glue_chain(g: pattern.Graph, blk: pattern.ABCBlock, shapes: dict[str, tuple],
+                claimed: set[str]) -> _Glue:
+    """Follow single-consumer ops after a block: affine ops, then a residual Add, then ReLU."""
+    channels = int(blk.bases.shape[1])
+    glue = _Glue(blk.output)
+    cur = blk.output
+    while True:
+        glue.end = cur
+        users = g.consumers(cur)
+        if len(users) != 1 or users[0].name in claimed:
+            return glue
+        u = users[0]
+        late = glue.residual is not None or glue.relu
+        if u.op == "relax.nn.batch_norm" and not late and u.inputs[0] == cur:
+            folded = _batch_norm(g, u, channels)
+            gets = g.consumers(u.outputs[0])
+            first = [t for t in gets if t.op == "TupleGetItem" and t.attrs.get("index") == 0]
+            # the running mean/var outputs may be projected, but nothing may read them
+            rest_unused = all(t.op == "TupleGetItem" and not g.consumers(t.outputs[0])
+                              for t in gets if t not in first)
+            if folded is None or len(first) != 1 or not rest_unused:
+                return glue
+            _affine(glue, *folded, channels)
+            glue.ops += [u.name, first[0].name]
+            glue.kinds.append("BatchNormalization")
+            cur = first[0].outputs[0]
+            continue
+        if u.op in ("Mul", "Add") and len(u.inputs) == 2 and u.inputs[0] != u.inputs[1]:
+            other = u.inputs[1] if u.inputs[0] == cur else u.inputs[0]
+            c = g.const(other)
+            if c is not None:
+                pc = _per_channel(c, channels)
+                if pc is None or late:
+                    return glue
+                _affine(glue, pc if u.op == "Mul" else None, pc if u.op == "Add" else None,
+                        channels)
+            elif u.op == "Add" and not late and shapes.get(other) == shapes.get(cur):
+                glue.residual = other
+            else:
+                return glue
+            glue.ops.append(u.name)
+            glue.kinds.append(u.op)
+            cur = u.outputs[0]
+            continue
+        if u.op == "relax.nn.relu" and not glue.relu:
+            glue.relu = True
+            glue.ops.append(u.name)
+            glue.kinds.append("Relu")
+            cur = u.outputs[0]
+            continue
+        return glue
+    return glue
+
+
+@dataclass
+class _Plan:
+    """One fused kernel: the block, its glue, and what it writes."""
+
+    block: pattern.ABCBlock
+    x: str  # graph value of the block input
+    glue: _Glue
+    float_out: bool = False
+    next_shift: np.ndarray | None = None  # shifts of the ABC consumers it packs for
+    packed_from: str | None = None  # chain end of the producer whose packed output we read
+
+
+def _plan_fused(g: pattern.Graph, blocks: list[pattern.ABCBlock],
+                shapes: dict[str, tuple]) -> dict[str, _Plan]:
+    """Fused kernels by chain end: which glue each block absorbs and which planes it writes."""
+    claimed: set[str] = set()
+    plans: dict[str, _Plan] = {}
+    for blk in blocks:
+        glue = _glue_chain(g, blk, shapes, claimed)
+        claimed.update(glue.ops)
+        plans[glue.end] = _Plan(blk, blk.input, glue)
+    block_ops = {op for p in plans.values() for op in p.block.ops}
+    residual_of = {p.glue.residual for p in plans.values() if p.glue.residual}
+    for end, plan in plans.items():
+        readers = [b for b in blocks if b.input == end]
+        others = [u for u in g.consumers(end) if u.name not in block_ops]
+        plan.float_out = bool(others) or end in residual_of
+        o = int(plan.block.bases.shape[1])
+        if readers and not compute.packs_whole_words(o, 64):
+            plan.float_out = True  # the readers pack from the float output
+        elif readers:
+            shift = readers[0].shift
+            sharing = [b for b in readers if np.array_equal(b.shift, shift)]
+            plan.next_shift = np.asarray(shift, np.float32)
+            for b in sharing:
+                plans_by_block = [p for p in plans.values() if p.block is b]
+                plans_by_block[0].packed_from = end
+            if len(sharing) != len(readers):
+                plan.float_out = True  # the others pack from the float output
+    return plans
+
+
+@mutator
+class _FusedRewriter(PyExprMutator):
+    """Emit each plan's kernel at its chain end; the replaced float ops become dead code."""
+
+    def __init__(self, mod: tvm.IRModule, plans: dict[str, _Plan], vars_: dict[str, relax.Var],
+                 target: tvm.target.Target, word_bits: int, scheduled: bool) -> None:
+        super().__init__(mod)
+        self.plans, self.vars_, self.target = plans, vars_, target
+        self.word_bits, self.scheduled = word_bits, scheduled
+        self.by_var = {vars_[end]: end for end in plans}
+        self.nhwc: dict[str, relax.Expr] = {}  # chain end -> NHWC float output
+        self.packed: dict[str, relax.Expr] = {}  # chain end -> packed planes for its readers
+        self.bitpacks: dict[tuple, relax.Expr] = {}
+        self.kernels: list[str] = []
+
+    def _add(self, func: tvm.tirx.PrimFunc) -> relax.GlobalVar:
+        return self.builder_.add_func(func, str(func.attrs["global_symbol"]))
+
+    def _packed_input(self, plan: _Plan) -> relax.Expr:
+        blk = plan.block
+        if plan.packed_from is not None and plan.packed_from in self.packed:
+            return self.packed[plan.packed_from]
+        key = (plan.x, blk.shift.tobytes())
+        if key not in self.bitpacks:
+            w = self.word_bits
+            x = self._nhwc(plan.x)
+            b, h, wd, c = _shape(x)
+            func = bitpack_nhwc_func(b, h, wd, c, blk.N, w, self.target, scheduled=self.scheduled)
+            out = relax.TensorType((blk.N, b, h, wd, -(-c // w)), f"uint{w}")
+            thr = compute.exact_thresholds(blk.shift)
+            self.bitpacks[key] = self.builder_.emit(relax.call_tir(
+                self._add(func), [x, relax.const(thr, "float32")], out))
+        return self.bitpacks[key]
+
+    def _nhwc(self, name: str) -> relax.Expr:
+        """A float activation in NHWC: a fused kernel's own output, or a permute of the NCHW
+        value (which `_cancel_permutes` removes where the producer runs in NHWC too)."""
+        if name not in self.nhwc:
+            self.nhwc[name] = self.builder_.emit(relax.op.permute_dims(
+                self.visit_expr(self.vars_[name]), [0, 2, 3, 1]))
+        return self.nhwc[name]
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        end = self.by_var.get(binding.var)
+        if end is None:
+            super().visit_var_binding_(binding)
+            return
+        plan = self.plans[end]
+        blk, glue = plan.block, plan.glue
+        x_shape = _shape(self.vars_[plan.x])
+        b, c, h, w = x_shape
+        m, o, _, kh, kw = blk.bases.shape
+        wb = self.word_bits
+        geo = compute.ConvGeometry(b, c, h, w, o, (kh, kw), tuple(blk.strides),
+                                   tuple(blk.pads), m, blk.N, wb)
+        vec = block_vector(o, wb, self.target)
+        nxt = 0 if plan.next_shift is None else int(plan.next_shift.size)
+        spec = compute.BlockSpec(
+            geo, blk.act == "bipolar", vec, affine=glue.scale is not None,
+            residual=glue.residual is not None, relu=glue.relu, float_out=plan.float_out,
+            next_planes=nxt)
+        func = abc_block_func(spec, self.target, scheduled=self.scheduled)
+        wbits, wsum = pack_weights(blk.bases, word_bits=wb)
+        ab = (blk.alpha[:, None, :] * blk.beta[None, :, None]).astype(np.float32)
+        udt = f"uint{wb}"
+        args = [self._packed_input(plan),
+                relax.const(compute.block_weights(wbits, vec), udt), relax.const(ab, "float32")]
+        if spec.bipolar:
+            args.append(relax.const(compute.bipolar_table(wsum, geo), "float32"))
+        if spec.affine:
+            args += [relax.const(glue.scale, "float32"), relax.const(glue.shift, "float32")]
+        if spec.residual:
+            args.append(self._nhwc(glue.residual))
+        if nxt:
+            args.append(relax.const(compute.exact_thresholds(plan.next_shift), "float32"))
+        oh, ow = geo.out_height, geo.out_width
+        outs = []
+        if spec.float_out:
+            outs.append(relax.TensorType((b, oh, ow, o), "float32"))
+        if nxt:
+            outs.append(relax.TensorType((nxt, b, oh, ow, -(-o // wb)), udt))
+        gv = self._add(func)
+        call = self.builder_.emit(relax.call_tir(gv, args, outs if len(outs) > 1 else outs[0]))
+        results = ([self.builder_.emit(relax.TupleGetItem(call, i)) for i in range(len(outs))]
+                   if len(outs) > 1 else [call])
+        if spec.float_out:
+            self.nhwc[end] = results[0]
+            nchw = self.builder_.emit(relax.op.permute_dims(results[0], [0, 3, 1, 2]))
+            self.set_var_remap(binding.var, nchw)
+        else:
+            super().visit_var_binding_(binding)  # dead after DCE: nothing reads it any more
+        if nxt:
+            self.packed[end] = results[-1]
+        self.kernels.append(gv.name_hint)
+
+
+def _fusable_target(target: tvm.target.Target, word_bits: int) -> bool:
+    triple = str(target.attrs.get("mtriple", ""))
+    return (str(target.kind.name) == "llvm" and word_bits == 64
+            and not triple.startswith(("aarch64", "arm")))
+
+
 def rewrite(mod: tvm.IRModule, target: tvm.target.Target, word_bits: int,
-            func_name: str = "main") -> tuple[tvm.IRModule, list[Rewritten], list[pattern.Miss]]:
+            func_name: str = "main", tunable: bool = False, fuse_glue: bool | None = None,
+            ) -> tuple[tvm.IRModule, list[Rewritten], list[pattern.Miss]]:
     """Rewrite every ABC block of `mod[func_name]`; returns the module, the blocks, the misses.
+
+    `tunable=True` emits the kernels unscheduled, tagged with their MetaSchedule rules (what
+    `abc-tvm tune` extracts as tasks); the default emits them with the hand-written schedule.
+    `fuse_glue` (default: on for x86 LLVM targets with 64-bit words) fuses the float ops after
+    each block and the next block's bit-packing into one kernel (see the module doc).
 
     Blocks whose input is not a static 4-D float32 tensor, or whose output shape disagrees
     with the conv's, are left in float and reported as misses.
@@ -182,8 +471,9 @@ def rewrite(mod: tvm.IRModule, target: tvm.target.Target, word_bits: int,
     func = mod[func_name]
     graph, vars_ = _graph(func)
     blocks, misses = pattern.find_abc_blocks(graph)
-    plans: dict = {}
-    done: list[Rewritten] = []
+    if fuse_glue is None:
+        fuse_glue = _fusable_target(target, word_bits)
+    accepted: list[pattern.ABCBlock] = []
     for blk in blocks:
         x, y = vars_.get(blk.input), vars_.get(blk.output)
         if x is None or y is None or x.ty.dtype != "float32" or len(x.ty.shape) != 4:
@@ -192,13 +482,39 @@ def rewrite(mod: tvm.IRModule, target: tvm.target.Target, word_bits: int,
         if _shape(x)[1] != blk.bases.shape[2]:
             misses.append(pattern.Miss(blk.name, "Conv", "input channels differ from the weight"))
             continue
-        plans[y] = (blk, x)
-        done.append(Rewritten(blk, "bitpack + abc_conv2d (AND/popcount)"))
-    if not plans:
-        return mod, done, misses
-    rw = _Rewriter(mod, plans, target, word_bits)
+        if fuse_glue and not _output_matches(blk, x, y):
+            misses.append(pattern.Miss(blk.name, "Conv",
+                                       "block output shape differs from the conv"))
+            continue
+        accepted.append(blk)
+    if not accepted:
+        return mod, [], misses
+    if fuse_glue:
+        shapes = {n: _shape(v) for n, v in vars_.items()
+                  if isinstance(v.ty, relax.TensorType) and v.ty.shape is not None}
+        fplans = _plan_fused(graph, accepted, shapes)
+        done = [Rewritten(p.block, "abc_block: AND/popcount + fused " + (
+            ", ".join(dict.fromkeys(p.glue.kinds)) or "epilogue"), list(p.glue.kinds))
+            for p in fplans.values()]
+        done.sort(key=lambda r: accepted.index(r.block))
+        rw = _FusedRewriter(mod, fplans, vars_, target, word_bits, scheduled=not tunable)
+    else:
+        done = [Rewritten(b, "bitpack + abc_conv2d (AND/popcount)") for b in accepted]
+        plans = {vars_[b.output]: (b, vars_[b.input]) for b in accepted}
+        rw = _Rewriter(mod, plans, target, word_bits, scheduled=not tunable)
     new_func = rw.visit_expr(func)
     rw.builder_.update_func(mod.get_global_var(func_name), new_func)
     out = rw.builder_.get()
     out = relax.transform.DeadCodeElimination()(out)
+    if fuse_glue:
+        out = float_layout.to_nhwc(float_layout.fold_conv_batch_norm(out, func_name), func_name)
     return out, done, misses
+
+
+def _output_matches(blk: pattern.ABCBlock, x: relax.Var, y: relax.Var) -> bool:
+    b, _, h, w = _shape(x)
+    o, kh, kw = (int(d) for d in (blk.bases.shape[1], *blk.bases.shape[3:]))
+    top, left, bottom, right = blk.pads
+    oh = (h + top + bottom - kh) // blk.strides[0] + 1
+    ow = (w + left + right - kw) // blk.strides[1] + 1
+    return _shape(y) == (b, o, oh, ow)

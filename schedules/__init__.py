@@ -6,18 +6,23 @@ from collections.abc import Sequence
 from types import ModuleType
 
 import tvm
-from tvm import te
+from tvm import s_tir, te
 
 from . import compute
+from . import cpu as _cpu  # noqa: F401 - registers the MetaSchedule rules at import
 from .compute import ConvGeometry, num_words, word_dtype
 
 __all__ = [
     "ConvGeometry",
+    "abc_block_func",
     "abc_conv_func",
     "abc_dot_func",
     "bitpack_func",
+    "bitpack_nhwc_func",
+    "block_vector",
     "compute",
     "num_words",
+    "popcount_peak_func",
     "word_dtype",
 ]
 
@@ -25,6 +30,11 @@ __all__ = [
 def _schedules(target: tvm.target.Target) -> ModuleType:
     """The schedule module for a target kind: the one place that dispatches on it."""
     kind = str(target.kind.name)
+    triple = str(target.attrs.get("mtriple", ""))
+    if kind == "llvm" and triple.startswith(("aarch64", "arm")):
+        from . import arm  # NEON: uint16-lane cnt/uadalp kernels
+
+        return arm
     if kind == "llvm":
         from . import cpu
 
@@ -36,21 +46,35 @@ def _schedules(target: tvm.target.Target) -> ModuleType:
     raise ValueError(f"no ABC kernel schedule for target kind {kind!r} (llvm and cuda only)")
 
 
-def _finish(func: tvm.tirx.PrimFunc, name: str) -> tvm.tirx.PrimFunc:
+def _finish(func: tvm.tirx.PrimFunc, name: str, scheduled: bool = True) -> tvm.tirx.PrimFunc:
     """Name the kernel and mark it scheduled, so Relax's DLight/default passes leave it be.
 
     TVM 0.27 spells the attributes "tirx.*"; "tir.is_scheduled" is set as well for readers
-    that still look for the old name.
+    that still look for the old name. An unscheduled kernel (for MetaSchedule) gets the name
+    and no-alias only.
     """
-    attrs = {
-        "global_symbol": name,
-        "tirx.noalias": True,
-        "tirx.is_scheduled": True,
-        "tir.is_scheduled": True,
-    }
+    attrs: dict = {"global_symbol": name, "tirx.noalias": True}
+    if scheduled:
+        attrs.update({"tirx.is_scheduled": True, "tir.is_scheduled": True})
     for key, value in attrs.items():
         func = func.with_attr(key, value)
     return func
+
+
+def _tunable(func: tvm.tirx.PrimFunc, rule_block: str) -> tvm.tirx.PrimFunc:
+    """The unscheduled kernel as MetaSchedule should see it.
+
+    `rule_block` keeps its `schedule_rule` annotation (its custom rule schedules the whole
+    function); every other block, the root included, is marked `schedule_rule = "None"`, so
+    MetaSchedule's generic rules (auto-inline, multi-level tiling, parallel/vectorize/unroll
+    on the root) leave them to the custom rule.
+    """
+    sch = s_tir.Schedule(func)
+    root = sch.get_sblock("root")
+    for block in [root, *sch.get_child_blocks(root)]:
+        if sch.get(block).name_hint != rule_block:
+            sch.annotate(block, "schedule_rule", "None")
+    return sch.mod["main"]
 
 
 def _check_word_bits(word_bits: int, target: tvm.target.Target) -> None:
@@ -68,15 +92,22 @@ def bitpack_func(
     planes: int,
     word_bits: int,
     target: tvm.target.Target,
+    scheduled: bool = True,
 ) -> tvm.tirx.PrimFunc:
-    """Scheduled PrimFunc (x f32[B,C,H,W], v f32[N]) -> uint{w}[N,B,H,W,ceil(C/w)]."""
+    """Scheduled PrimFunc (x f32[B,C,H,W], v f32[N]) -> uint{w}[N,B,H,W,ceil(C/w)].
+
+    `scheduled=False`: the unscheduled TE PrimFunc whose pack block carries
+    `schedule_rule = "abc_bitpack"` (the MetaSchedule rule registered by this package).
+    """
     _check_word_bits(word_bits, target)
     x = te.placeholder((batch, channels, height, width), "float32", name="x")
     v = te.placeholder((planes,), "float32", name="v")
     packed = compute.bitpack(x, v, word_bits)
     func = te.create_prim_func([x, v, packed])
-    func = _schedules(target).schedule_bitpack(func)
     name = f"abc_bitpack_b{batch}c{channels}h{height}w{width}n{planes}u{word_bits}"
+    if not scheduled:
+        return _finish(_tunable(func, compute.PACK), name, scheduled=False)
+    func = _schedules(target).schedule_bitpack(func)
     return _finish(func, name)
 
 
@@ -139,14 +170,18 @@ def _conv_name(prefix: str, geo: ConvGeometry, bipolar: bool) -> str:
 
 
 def _conv_func(
-    fused: bool, target: tvm.target.Target, geo: ConvGeometry, bipolar: bool
+    fused: bool, target: tvm.target.Target, geo: ConvGeometry, bipolar: bool,
+    scheduled: bool = True,
 ) -> tvm.tirx.PrimFunc:
     _check_word_bits(geo.word_bits, target)
     tensors = compute.abc_conv(geo, bipolar=bipolar, fused=fused)
     args = tensors.conv_args if fused else tensors.dot_args
     func = te.create_prim_func(args)
+    name = _conv_name("abc_conv" if fused else "abc_dot", geo, bipolar)
+    if not scheduled:
+        return _finish(_tunable(func, compute.CONV), name, scheduled=False)
     func = _schedules(target).schedule_conv(func, geo, fused=fused)
-    return _finish(func, _conv_name("abc_conv" if fused else "abc_dot", geo, bipolar))
+    return _finish(func, name)
 
 
 def abc_conv_func(
@@ -163,16 +198,19 @@ def abc_conv_func(
     bipolar: bool,
     word_bits: int,
     target: tvm.target.Target,
+    scheduled: bool = True,
 ) -> tvm.tirx.PrimFunc:
     """Scheduled fused ABC conv: (packed, wbits, wsum, alpha[M,O], beta[N]) -> f32[B,O,OH,OW].
 
     packed uint{w}[N,B,H,W,K], wbits uint{w}[M,O,KH,KW,K], wsum int32[M,O,KH,KW].
     out = sum_m sum_n alpha[m,o] * beta[n] * dot(A_n, B_m), integer dot exact.
+    `scheduled=False`: the unscheduled TE PrimFunc, its conv block tagged
+    `schedule_rule = "abc_conv2d"` for MetaSchedule (same name and signature).
     """
     geo = _geometry(
         batch, channels, height, width, out_channels, kernel, stride, padding, M, N, word_bits
     )
-    return _conv_func(True, target, geo, bool(bipolar))
+    return _conv_func(True, target, geo, bool(bipolar), scheduled)
 
 
 def abc_dot_func(
@@ -189,9 +227,87 @@ def abc_dot_func(
     bipolar: bool,
     word_bits: int,
     target: tvm.target.Target,
+    scheduled: bool = True,
 ) -> tvm.tirx.PrimFunc:
     """Scheduled integer stage alone: (packed, wbits, wsum) -> int32[M,N,B,O,OH,OW]."""
     geo = _geometry(
         batch, channels, height, width, out_channels, kernel, stride, padding, M, N, word_bits
     )
-    return _conv_func(False, target, geo, bool(bipolar))
+    return _conv_func(False, target, geo, bool(bipolar), scheduled)
+
+
+def block_vector(out_channels: int, word_bits: int, target: tvm.target.Target) -> int:
+    """Weight vector width (channels) of the fused block kernel for a target."""
+    del target
+    return _cpu.block_vector(out_channels, word_bits)
+
+
+def abc_block_func(spec: compute.BlockSpec, target: tvm.target.Target,
+                   scheduled: bool = True) -> tvm.tirx.PrimFunc:
+    """The fused ABC block kernel (conv + scale/shift + residual + ReLU + next bit-pack).
+
+    Arguments in order: packed uint{w}[N,B,H,W,K], weights [M,O/vec,KH,KW,K,vec] (see
+    `compute.block_weights`), ab f32[M,N,O] (alpha*beta), bipolar: Q f32[M,T,B,L,R,O]
+    (`compute.bipolar_table`); affine: scale, shift f32[O]; residual:
+    res f32[B,OH,OW,O]; next planes: thr f32[N'] (`compute.exact_thresholds` of the next
+    layer's shifts); then the outputs z f32[B,OH,OW,O] (NHWC) and/or
+    packed_next uint{w}[N',B,OH,OW,ceil(O/w)]. x86 (LLVM) only.
+    """
+    if str(target.kind.name) != "llvm":
+        raise ValueError("the fused ABC block kernel is written for LLVM CPU targets")
+    _check_word_bits(spec.geo.word_bits, target)
+    func = te.create_prim_func(compute.abc_block(spec).args)
+    if not scheduled:
+        return _finish(_tunable(func, compute.CONV), spec.name(), scheduled=False)
+    with target:
+        return _finish(_cpu.schedule_block(func, spec), spec.name())
+
+
+def bitpack_nhwc_func(batch: int, height: int, width: int, channels: int, planes: int,
+                      word_bits: int, target: tvm.target.Target,
+                      scheduled: bool = True) -> tvm.tirx.PrimFunc:
+    """(x f32[B,H,W,C] NHWC, thr f32[N]) -> uint{w}[N,B,H,W,ceil(C/w)]: vector compares.
+
+    thr = `compute.exact_thresholds(v)`: bit = x >= thr[n], exactly float32(x + v) >= 0.5.
+    """
+    _check_word_bits(word_bits, target)
+    x = te.placeholder((batch, height, width, channels), "float32", name="x")
+    v = te.placeholder((planes,), "float32", name="thr")
+    packed = compute.pack_nhwc(x, v, word_bits, name=compute.PACK,
+                               attrs={"schedule_rule": compute.BITPACK_RULE,
+                                      compute.PACK_KEY: "nhwc"})
+    func = te.create_prim_func([x, v, packed])
+    name = f"abc_bitpack_nhwc_b{batch}h{height}w{width}c{channels}n{planes}u{word_bits}"
+    if not scheduled:
+        return _finish(_tunable(func, compute.PACK), name, scheduled=False)
+    with target:
+        return _finish(_cpu.schedule_bitpack_nhwc(func), name)
+
+
+def popcount_peak_func(target: tvm.target.Target, words: int = 2048,
+                       vectors: int = 12) -> tuple[tvm.tirx.PrimFunc, int]:
+    """The AND + popcount + add roofline of one core, as a TVM kernel: (PrimFunc, bit-ops).
+
+    acc[r, l] += popcount(a[k] & w[r, l]) over `words` L1-resident activation words a
+    (broadcast) against `vectors` registers of 8 weight words, int64 lanes: the instruction
+    mix of the ABC inner loop without its loads of weights or its epilogue. bit-ops per call
+    = words * vectors * 8 * 64 (one bit-op = one AND'ed bit popcounted and added). Time it
+    with `time_evaluator` under TVM_NUM_THREADS=1 to get this machine's peak.
+    """
+    a = te.placeholder((words,), "uint64", name="a")
+    w = te.placeholder((vectors, 8), "uint64", name="w")
+    k = te.reduce_axis((0, words), name="k")
+    acc = te.compute(
+        (vectors, 8),
+        lambda r, lane: te.sum(tvm.tirx.popcount(a[k] & w[r, lane]).astype("int64"), axis=k),
+        name="acc")
+    sch = s_tir.Schedule(te.create_prim_func([a, w, acc]))
+    block = sch.get_sblock("acc")
+    sch.cache_write(block, 0, "local")
+    r, lane, kk = sch.get_loops(block)
+    sch.reorder(kk, r, lane)
+    sch.vectorize(lane)
+    sch.unroll(r)
+    sch.decompose_reduction(block, kk)
+    func = _finish(sch.mod["main"], f"abc_popcount_peak_k{words}r{vectors}")
+    return func, words * vectors * 8 * 64

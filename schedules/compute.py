@@ -7,8 +7,11 @@ that popcount(A), shared by every output channel and every weight base, is compu
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 
+import numpy as np
 import tvm
 from tvm import te
 
@@ -22,6 +25,10 @@ CONV = "abc_conv"
 DOT = "abc_dot"
 EPILOGUE = "abc_epilogue"
 SCHEDULE_RULE = "abc_conv2d"
+BITPACK_RULE = "abc_bitpack"
+# JSON of the ConvGeometry on the conv block, so a MetaSchedule rule (which sees only the
+# PrimFunc) can rebuild the schedule's static facts (stride and padding are not in the shapes).
+GEOMETRY_KEY = "abc_conv_geometry"
 
 
 def word_dtype(word_bits: int) -> str:
@@ -62,6 +69,14 @@ class ConvGeometry:
         if self.out_height < 1 or self.out_width < 1:
             raise ValueError(f"kernel larger than the padded input: {self}")
         word_dtype(self.word_bits)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ConvGeometry:
+        info = json.loads(text)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in info.items()})
 
     @property
     def words(self) -> int:
@@ -107,7 +122,8 @@ def bitpack(x: te.Tensor, v: te.Tensor, word_bits: int) -> te.Tensor:
         bit = tvm.tirx.const(1, dtype) << j.astype(dtype)
         return te.sum(tvm.tirx.Select(on, bit, tvm.tirx.const(0, dtype)), axis=j)
 
-    return te.compute((planes, batch, height, width, words), _pack, name=PACK)
+    return te.compute((planes, batch, height, width, words), _pack, name=PACK,
+                      attrs={"schedule_rule": BITPACK_RULE})
 
 
 def pad_packed(packed: te.Tensor, geo: ConvGeometry) -> te.Tensor:
@@ -186,7 +202,8 @@ def and_popcount(padded: te.Tensor, wbits: te.Tensor, geo: ConvGeometry) -> te.T
         return te.sum(tvm.tirx.popcount(word).astype("int32"), axis=[ry, rx, rk])
 
     shape = (geo.bases, geo.planes, geo.batch, geo.out_channels, geo.out_height, geo.out_width)
-    return te.compute(shape, _conv, name=CONV, attrs={"schedule_rule": SCHEDULE_RULE})
+    attrs = {"schedule_rule": SCHEDULE_RULE, GEOMETRY_KEY: geo.to_json()}
+    return te.compute(shape, _conv, name=CONV, attrs=attrs)
 
 
 def combine_dot(t: te.Tensor, p: te.Tensor, s: te.Tensor | None, bipolar: bool) -> te.Tensor:
@@ -258,3 +275,333 @@ def abc_conv(geo: ConvGeometry, bipolar: bool, fused: bool) -> ConvTensors:
     beta = te.placeholder((n,), "float32", name="beta")
     out = epilogue(dot, alpha, beta)
     return ConvTensors(packed, wbits, wsum, dot, alpha, beta, out)
+
+
+# ------------------------------------------------------------------ fused ABC block (glue)
+#
+# One kernel per ABC convolution plus the float ops that follow it ("glue"), so that float
+# activations between binary layers are not materialised:
+#
+#   t[m,n,b,y,x,o] = sum popcount(A_n XOR/AND B_m)       int64, in registers (`abc_conv`)
+#   c[b,y,x,o]     = sum_m sum_n ab[m,n,o] * dot_mn        float, dot exact (`abc_accumulate`)
+#   z[b,y,x,o]     = relu?(c * scale[o] + shift[o] + res[b,y,x,o])           (`abc_glue`)
+#   out            = z (NHWC float), and/or the next ABC layer's bit-planes of z  (`abc_pack`)
+#                    (z >= T_n with T_n the exact float32 threshold of z + v_n >= 0.5)
+#
+# Bipolar dots use XOR: on a valid tap sum_c A*B = C - 2 popcount(I ^ Bbits); a padded tap
+# (zero word) adds popcount(Bbits) instead, so dot = Q - 2t with
+# Q = C*KH*KW + sum_{padded taps} wsum, a compile-time table indexed by how many taps the
+# window loses at each border (interior pixels: all zero). No popcount(A) pass is needed.
+# Unipolar keeps dot = 2t - p with t over AND and p = popcount(A) under the window
+# (`abc_act_popcount`).
+
+ACCUMULATE = "abc_accumulate"
+GLUE = "abc_glue"
+GLUE_OUT = "abc_glue_out"
+PACK_OUT = "abc_pack"
+BLOCK_KEY = "abc_block_spec"
+PACK_KEY = "abc_pack_spec"
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """Static facts of one fused ABC block kernel (its shapes and which glue it carries)."""
+
+    geo: ConvGeometry
+    bipolar: bool
+    vec: int  # output channels per weight vector: weights come as [M, O/vec, KH, KW, K, vec]
+    affine: bool  # per-channel z = c * scale + shift (BatchNorm and bias folded)
+    residual: bool  # + res[B, OH, OW, O] (NHWC float)
+    relu: bool
+    float_out: bool  # write z as NHWC float [B, OH, OW, O]
+    next_planes: int  # > 0: write the next layer's bit-planes [N', B, OH, OW, ceil(O/w)]
+
+    def __post_init__(self) -> None:
+        if self.geo.out_channels % self.vec:
+            raise ValueError(f"vec {self.vec} does not divide {self.geo.out_channels} channels")
+        if not self.float_out and self.next_planes < 1:
+            raise ValueError("a block kernel must write z, packed planes, or both")
+        if self.next_planes and not packs_whole_words(self.geo.out_channels,
+                                                      self.geo.word_bits):
+            raise ValueError(f"{self.geo.out_channels} channels end in a partial word past "
+                             "the first: pack them with bitpack_nhwc_func instead")
+
+    @property
+    def word_block(self) -> int:
+        """Output channels per parallel tile: one packed word (64) where planes are written."""
+        o, w = self.geo.out_channels, self.geo.word_bits
+        if o % w == 0:
+            return w
+        if self.next_planes and o > w:
+            return o  # a partial last word: one tile holds every channel
+        return o
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> BlockSpec:
+        info = json.loads(text)
+        geo = info.pop("geo")
+        geo = ConvGeometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in geo.items()})
+        return cls(geo=geo, **info)
+
+    def name(self) -> str:
+        g = self.geo
+        pads = "_".join(str(p) for p in g.padding)
+        glue = "".join(flag for flag, on in (("a", self.affine), ("r", self.residual),
+                                             ("l", self.relu), ("f", self.float_out)) if on)
+        return (f"abc_block_b{g.batch}c{g.channels}h{g.height}w{g.width}o{g.out_channels}"
+                f"_k{g.kernel[0]}x{g.kernel[1]}s{g.stride[0]}x{g.stride[1]}p{pads}"
+                f"_m{g.bases}n{g.planes}_{'bi' if self.bipolar else 'uni'}u{g.word_bits}"
+                f"v{self.vec}_{glue}p{self.next_planes}")
+
+
+def _ordered(x: np.float32) -> int:
+    """float32 -> int, order-preserving (both zeros map to 0)."""
+    bits = int(np.asarray(x, np.float32).view(np.uint32))
+    return bits if bits < 2**31 else -(bits - 2**31)
+
+
+def _unordered(i: int) -> np.float32:
+    bits = i if i >= 0 else (-i) | 2**31
+    return np.array([bits], np.uint32).view(np.float32)[0]
+
+
+def exact_thresholds(shift: np.ndarray) -> np.ndarray:
+    """Per plane, the least float32 T with float32(T + v) >= 0.5: then x >= T <=> x + v >= 0.5.
+
+    float32 addition rounds monotonically, so {x : fl(x + v) >= 0.5} is exactly [T, inf)
+    (NaN compares false either way). The packing kernels compare against T: one compare per
+    value instead of an add and a compare, bit for bit the ONNX semantics (not the rounded
+    0.5 - v, which differs near the edge). Found by bisection over the float32 order.
+    """
+    half = np.float32(0.5)
+    out = []
+    for v in np.asarray(shift, np.float32).reshape(-1):
+        if not np.isfinite(v):
+            raise ValueError(f"activation shift {v} is not finite")
+
+        def on(i: int, v: np.float32 = v) -> bool:
+            return bool(np.float32(_unordered(i) + v) >= half)
+
+        start = _ordered(np.float32(half - v))
+        hi, step = start, 1
+        while not on(hi):  # an index at or above the threshold
+            hi, step = start + step, step * 2
+        lo, step = hi - 1, 1
+        while on(lo):  # an index below it
+            lo, step = hi - step, step * 2
+        while hi - lo > 1:  # on(hi) and not on(lo)
+            mid = (lo + hi) // 2
+            hi, lo = (mid, lo) if on(mid) else (hi, mid)
+        out.append(_unordered(hi))
+    return np.array(out, np.float32)
+
+
+def packs_whole_words(channels: int, word_bits: int) -> bool:
+    """Whether a block kernel can pack its output itself: whole words, or one partial word."""
+    return channels % word_bits == 0 or channels < word_bits
+
+
+def _clips(size: int, out: int, kernel: int, stride: int, before: int) -> tuple[int, int]:
+    """Largest number of taps an output index loses to the padding before and after."""
+    first = min(before, kernel)
+    last = min(max((out - 1) * stride + kernel - before - size, 0), kernel)
+    return first, last
+
+
+def border_clips(geo: ConvGeometry) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) maxima of the clipped taps: the Q table's extents - 1."""
+    top, left, _, _ = geo.padding
+    t, b = _clips(geo.height, geo.out_height, geo.kernel[0], geo.stride[0], top)
+    lf, r = _clips(geo.width, geo.out_width, geo.kernel[1], geo.stride[1], left)
+    return t, b, lf, r
+
+
+def bipolar_table(wsum: np.ndarray, geo: ConvGeometry) -> np.ndarray:
+    """Q[m, tc, bc, lc, rc, o] = C*KH*KW + sum of wsum over the padded taps, float32.
+
+    An output pixel loses tc taps at the top of its window (tc = clip(top - y*sh, 0, KH)),
+    bc at the bottom, lc and rc left and right; its valid taps are ky in [tc, KH - bc) x
+    kx in [lc, KW - rc). With t = sum popcount(I ^ Bbits) over every tap (padded taps read
+    zero words), the bipolar dot is exactly Q[tc, bc, lc, rc] - 2t. The kernel computes the
+    four clips from the pixel position (no index tensor to read out of bounds).
+    """
+    kh, kw = geo.kernel
+    t, b, lf, r = border_clips(geo)
+    ky, kx = np.arange(kh), np.arange(kw)
+    rows = np.array([[(ky >= tc) & (ky < kh - bc) for bc in range(b + 1)] for tc in range(t + 1)])
+    cols = np.array([[(kx >= lc) & (kx < kw - rc) for rc in range(r + 1)] for lc in range(lf + 1)])
+    valid = rows[:, :, None, None, :, None] & cols[None, None, :, :, None, :]  # t,b,l,r,ky,kx
+    w = wsum.astype(np.int64)  # [M, O, KH, KW]
+    padded_sum = np.einsum("moij,tblrij->mtblro", w, (~valid).astype(np.int64))
+    return (geo.channels * kh * kw + padded_sum).astype(np.float32)
+
+
+def block_weights(wbits: np.ndarray, vec: int) -> np.ndarray:
+    """[M, O, KH, KW, K] weight words -> [M, O/vec, KH, KW, K, vec] (a vector is contiguous)."""
+    m, o, kh, kw, k = wbits.shape
+    return np.ascontiguousarray(
+        wbits.reshape(m, o // vec, vec, kh, kw, k).transpose(0, 1, 3, 4, 5, 2))
+
+
+def pack_nhwc(src: te.Tensor, thr: te.Tensor, word_bits: int, name: str = PACK_OUT,
+              attrs: dict | None = None) -> te.Tensor:
+    """Bit-planes [N, B, H, W, ceil(C/w)] of an NHWC float tensor: bit j is src >= thr[n].
+
+    `thr` holds `exact_thresholds(v)`, so the bit is float32(src + v) >= 0.5 exactly. A
+    word of one pixel reads w contiguous channels, so a word packs from vector compares (the
+    x86 schedule turns the reduction over j into compare + movmsk). Words wholly inside the
+    channels carry no bound check.
+    """
+    v = thr
+    batch, height, width, channels = (int(d) for d in src.shape)
+    planes = int(v.shape[0])
+    words = num_words(channels, word_bits)
+    dtype = word_dtype(word_bits)
+    bits = min(word_bits, channels)
+    j = te.reduce_axis((0, bits), name="j")
+    exact = channels % word_bits == 0 or channels < word_bits
+
+    def _pack(n, b, h, w, k):
+        c = k * word_bits + j
+        if exact:
+            on = src[b, h, w, c] >= v[n]
+        else:
+            on = tvm.tirx.all(c < channels, src[b, h, w, tvm.tirx.min(c, channels - 1)] >= v[n])
+        bit = tvm.tirx.shift_left(tvm.tirx.const(1, dtype), j.astype(dtype))
+        return te.sum(tvm.tirx.Select(on, bit, tvm.tirx.const(0, dtype)), axis=j)
+
+    return te.compute((planes, batch, height, width, words), _pack, name=name, attrs=attrs)
+
+
+def pack_words(zw: te.Tensor, v: te.Tensor, channels: int, word_bits: int) -> te.Tensor:
+    """Bit-planes [N', B, H, W, ceil(C/w)] of z held by words zw[B, H, W, words, bits]:
+    bit j is z >= v[n], v the `exact_thresholds` of the next layer's shifts.
+
+    zw's last axis is one word's channels (all C when C is not a multiple of w), so every
+    word reads a whole row of zw; channels past C (a partial last word) are 0 bits.
+    """
+    batch, height, width, words, bits = (int(d) for d in zw.shape)
+    planes = int(v.shape[0])
+    dtype = word_dtype(word_bits)
+    out_words = num_words(channels, word_bits)
+    per = word_bits if bits > word_bits else bits
+    j = te.reduce_axis((0, per), name="j")
+
+    def _pack(n, b, h, w, k):
+        if bits == per:
+            src, bit_j = zw[b, h, w, k, j], j
+        else:  # one zw row holds every channel: word k is its slice [k*w, k*w + w)
+            c = k * word_bits + j
+            src = zw[b, h, w, 0, tvm.tirx.min(c, channels - 1)]
+            bit_j = j
+        on = src >= v[n]
+        if bits != per:
+            on = tvm.tirx.all(k * word_bits + j < channels, on)
+        bit = tvm.tirx.shift_left(tvm.tirx.const(1, dtype), bit_j.astype(dtype))
+        return te.sum(tvm.tirx.Select(on, bit, tvm.tirx.const(0, dtype)), axis=j)
+
+    return te.compute((planes, batch, height, width, out_words), _pack, name=PACK_OUT)
+
+
+@dataclass(frozen=True)
+class BlockTensors:
+    inputs: list[te.Tensor]
+    outputs: list[te.Tensor]
+
+    @property
+    def args(self) -> list[te.Tensor]:
+        return self.inputs + self.outputs
+
+
+def abc_block(spec: BlockSpec) -> BlockTensors:
+    """The fused block kernel's TE: inputs (in order) packed, weights, ab, [Q],
+    [scale, shift], [res], [thr_next] (`exact_thresholds` of the next layer's shifts);
+    outputs [z], [packed_next]."""
+    geo = spec.geo
+    dtype = word_dtype(geo.word_bits)
+    kh, kw = geo.kernel
+    sh, sw = geo.stride
+    m, n, k, o = geo.bases, geo.planes, geo.words, geo.out_channels
+    vec = spec.vec
+    oh, ow = geo.out_height, geo.out_width
+    packed = te.placeholder((n, geo.batch, geo.height, geo.width, k), dtype, name="packed")
+    wv = te.placeholder((m, o // vec, kh, kw, k, vec), dtype, name="wbits")
+    ab = te.placeholder((m, n, o), "float32", name="ab")
+    inputs = [packed, wv, ab]
+    padded = pad_packed(packed, geo)
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    rk = te.reduce_axis((0, k), name="rk")
+
+    def _conv(m_, n_, b, y, x, o_):
+        a = padded[n_, b, y * sh + ry, x * sw + rx, rk]
+        w = wv[m_, o_ // vec, ry, rx, rk, o_ % vec]
+        word = (a ^ w) if spec.bipolar else (a & w)
+        return te.sum(tvm.tirx.popcount(word).astype("int64"), axis=[ry, rx, rk])
+
+    attrs = {"schedule_rule": SCHEDULE_RULE, BLOCK_KEY: spec.to_json()}
+    t = te.compute((m, n, geo.batch, oh, ow, o), _conv, name=CONV, attrs=attrs)
+    rm = te.reduce_axis((0, m), name="rm")
+    rn = te.reduce_axis((0, n), name="rn")
+    two = tvm.tirx.const(2.0, "float32")
+    if spec.bipolar:
+        tc, bc, lc, rc = border_clips(geo)
+        q = te.placeholder((m, tc + 1, bc + 1, lc + 1, rc + 1, o), "float32", name="q")
+        inputs.append(q)
+        top, left, _, _ = geo.padding
+
+        def _clip(e, hi):
+            return tvm.tirx.min(tvm.tirx.max(e, 0), hi)
+
+        def _acc(b, y, x, o_):
+            qv = q[rm, _clip(top - y * sh, tc), _clip(y * sh + kh - top - geo.height, bc),
+                   _clip(left - x * sw, lc), _clip(x * sw + kw - left - geo.width, rc), o_]
+            d = qv - t[rm, rn, b, y, x, o_].astype("float32") * two
+            return te.sum(ab[rm, rn, o_] * d, axis=[rm, rn])
+    else:
+        p = act_popcount(padded, geo)
+
+        def _acc(b, y, x, o_):
+            d = t[rm, rn, b, y, x, o_].astype("float32") * two - p[rn, b, y, x].astype("float32")
+            return te.sum(ab[rm, rn, o_] * d, axis=[rm, rn])
+
+    c = te.compute((geo.batch, oh, ow, o), _acc, name=ACCUMULATE)
+    if spec.affine:
+        scale = te.placeholder((o,), "float32", name="scale")
+        shift = te.placeholder((o,), "float32", name="shift")
+        inputs += [scale, shift]
+    if spec.residual:
+        res = te.placeholder((geo.batch, oh, ow, o), "float32", name="res")
+        inputs.append(res)
+
+    def _glue_value(b, y, x, o_):
+        z = c[b, y, x, o_]
+        if spec.affine:
+            z = z * scale[o_] + shift[o_]
+        if spec.residual:
+            z = z + res[b, y, x, o_]
+        if spec.relu:
+            z = tvm.tirx.max(z, tvm.tirx.const(0.0, "float32"))
+        return z
+
+    outputs = []
+    if not spec.next_planes:
+        outputs.append(te.compute((geo.batch, oh, ow, o), _glue_value, name=GLUE))
+        return BlockTensors(inputs, outputs)
+    # Packing: z by words [B, OH, OW, K', bits], so the pack reads whole words of one tile.
+    wb = min(o, geo.word_bits) if o % geo.word_bits == 0 or o < geo.word_bits else o
+    words = o // wb
+    zw = te.compute((geo.batch, oh, ow, words, wb),
+                    lambda b, y, x, kq, j: _glue_value(b, y, x, kq * wb + j), name=GLUE)
+    if spec.float_out:
+        outputs.append(te.compute((geo.batch, oh, ow, o),
+                                  lambda b, y, x, o_: zw[b, y, x, o_ // wb, o_ % wb],
+                                  name=GLUE_OUT))
+    v = te.placeholder((spec.next_planes,), "float32", name="thr_next")
+    inputs.append(v)
+    outputs.append(pack_words(zw, v, o, geo.word_bits))
+    return BlockTensors(inputs, outputs)

@@ -1,26 +1,37 @@
-"""First CPU schedules (LLVM: x86 and aarch64 NEON) for the ABC-Net kernels.
+"""CPU schedules (LLVM: x86, and aarch64 where the NEON kernel does not apply) for ABC kernels.
 
-Conv: parallel over (batch, output row, block of output channels); a block of output
-channels is the vector (weights are re-laid out so that it is contiguous, and one
-activation word is broadcast against it); a few output pixels and all N planes are
-unrolled so their accumulators stay in registers; one weight base m at a time, so the
-float epilogue accumulates alpha[m,o]*beta[n]*dot in registers too and the int32
-intermediate never reaches memory.
+Conv: parallel over (batch, output row, block of output channels); a vector of output
+channels is the SIMD register (weights are re-laid out so that it is contiguous, and one
+activation word is broadcast against it); a few output pixels, a few channel vectors and
+all N planes are unrolled so their accumulators stay in registers; one weight base m at a
+time, so the float epilogue accumulates alpha[m,o]*beta[n]*dot in registers too and the
+int32 intermediate never reaches memory.
+
+Every schedule here is written once, as `apply_*(sch, ..., knobs)`, where a knob is an int or
+a MetaSchedule random variable: `schedule_*` applies the default knobs; the MetaSchedule
+rules registered at the bottom (`s_tir.meta_schedule.cpu.abc_conv2d`, `.abc_bitpack`) draw
+each knob with `sample_categorical` from candidates that include the default, so the tuner
+explores them (its initial population re-samples every draw).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import tvm
 from tvm import s_tir, tirx
+from tvm.script import tirx as T
 
 from . import compute as C
 from ._util import divisor_at_most, has_block
 
-# Register budget: accumulators N * pixels vectors (AVX-512 has 32 registers, NEON 32).
+# Register budget: accumulators N * pixels * vectors (AVX-512 and NEON have 32 registers).
 _ACC_REGISTERS = 24
 _MAX_PIXELS = 8
+Knob = int | s_tir.schedule.ExprRV
 
 
-def _channel_block(out_channels: int, word_bits: int) -> int:
+def _channel_vector(out_channels: int, word_bits: int) -> int:
     """Output channels per vector: 8 words = one 512-bit register of uint64 popcounts."""
     return divisor_at_most(out_channels, 16 if word_bits <= 32 else 8)
 
@@ -33,56 +44,119 @@ def _pixel_block(out_width: int, planes: int) -> int:
     return best if 2 * best > limit else min(limit, out_width)
 
 
+@dataclass(frozen=True)
+class ConvKnobs:
+    """The tunable choices of the conv schedule (ints, or MetaSchedule ExprRVs)."""
+
+    vectors: Knob  # output-channel vectors per register tile (tile = vectors * vector width)
+    pixels: Knob  # output pixels per register tile
+    unroll: Knob  # auto-unroll budget for the (ky, kx, k) reduction loops (0: none)
+
+
+def conv_candidates(geo: C.ConvGeometry) -> dict[str, list[int]]:
+    """Candidate values of each conv knob, the default first."""
+    vec = _channel_vector(geo.out_channels, geo.word_bits)
+    blocks = geo.out_channels // vec
+    vectors = [r for r in (1, 2, 4) if blocks % r == 0]
+    default_px = _pixel_block(geo.out_width, geo.planes)
+    pixels = [default_px] + [
+        p for p in (1, 2, 4, 7, 8) if p != default_px and p <= geo.out_width
+        and p * geo.planes <= 32]
+    return {"vectors": vectors, "pixels": pixels, "unroll": [0, 16, 64]}
+
+
+def default_conv_knobs(geo: C.ConvGeometry) -> ConvKnobs:
+    return ConvKnobs(**{k: v[0] for k, v in conv_candidates(geo).items()})
+
+
 def _parallel_outer(sch: s_tir.Schedule, block: s_tir.SBlockRV, count: int) -> None:
     """Fuse the outer `count` loops of a root stage and run them in parallel."""
     loops = sch.get_loops(block)
     sch.parallel(sch.fuse(*loops[:count]) if count > 1 else loops[0])
 
 
-def schedule_bitpack(func: tirx.PrimFunc) -> tirx.PrimFunc:
+# ------------------------------------------------------------------------------- bitpack
+
+
+def bitpack_candidates(width: int) -> list[int]:
+    """Pixels per vector of the bit-pack loop (divisors of the width), the default first."""
+    default = divisor_at_most(width, 16)
+    return [default] + [v for v in (4, 8, 16, 32) if v != default and width % v == 0]
+
+
+def apply_bitpack(sch: s_tir.Schedule, vec: Knob) -> None:
     """Parallel over (plane, batch, row); the reduction over bits is serial, pixels vectorised.
 
     x is NCHW, so for one channel the pixels of a row are contiguous: vectorising over w
     reads whole rows, and the 64 compares of one word are a serial loop of vector ORs.
     """
-    sch = s_tir.Schedule(func)
     pack = sch.get_sblock(C.PACK)
     local = sch.cache_write(pack, 0, "local")
     n, b, h, w, k, j = sch.get_loops(pack)
-    vec = divisor_at_most(int(sch.get(w).extent), 16)
     wo, wi = sch.split(w, [None, vec])
     sch.reorder(n, b, h, wo, k, j, wi)
     sch.parallel(sch.fuse(n, b, h))
     sch.reverse_compute_at(local, k)
-    if vec > 1:
-        sch.vectorize(wi)
+    sch.vectorize(wi)
     sch.decompose_reduction(pack, j)
+
+
+def apply_bitpack_nhwc(sch: s_tir.Schedule, rows: Knob) -> None:
+    """NHWC source: parallel over (plane, batch, row blocks); each word from vector compares."""
+    pack = sch.get_sblock(C.PACK)
+    n, b, h, w, k, j = sch.get_loops(pack)
+    ho, _ = sch.split(h, [None, rows])
+    sch.parallel(sch.fuse(n, b, ho))
+    func = sch.mod["main"]
+    x, out = func.params[0], func.params[-1]
+    _schedule_pack(sch, pack, int(x.shape[3]), int(out.dtype.bits), "global")
+
+
+def schedule_bitpack_nhwc(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    sch = s_tir.Schedule(func)
+    apply_bitpack_nhwc(sch, 1)
     return sch.mod["main"]
 
 
+def schedule_bitpack(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    sch = s_tir.Schedule(func)
+    width = int(func.params[0].shape[3])
+    apply_bitpack(sch, bitpack_candidates(width)[0])
+    return sch.mod["main"]
+
+
+# ---------------------------------------------------------------------------------- conv
+
+
 def schedule_conv(func: tirx.PrimFunc, geo: C.ConvGeometry, fused: bool) -> tirx.PrimFunc:
-    """Schedule the ABC conv: fused (float NCHW out) or the int32 dot stage alone.
+    """Schedule the ABC conv with the default knobs: fused (float NCHW out) or the dot alone."""
+    sch = s_tir.Schedule(func)
+    apply_conv(sch, geo, fused, default_conv_knobs(geo))
+    return sch.mod["main"]
+
+
+def apply_conv(sch: s_tir.Schedule, geo: C.ConvGeometry, fused: bool, knobs: ConvKnobs) -> None:
+    """Schedule an unscheduled ABC conv in place.
 
     Vectorise/unroll are applied before decompose_reduction: s_tir refuses to vectorise
     an update block that has lost its init, while decompose copies the loop kinds over.
     """
-    sch = s_tir.Schedule(func)
-    ob = _channel_block(geo.out_channels, geo.word_bits)
-    xb = _pixel_block(geo.out_width, geo.planes)
+    vec = _channel_vector(geo.out_channels, geo.word_bits)
     conv = sch.get_sblock(C.CONV)
 
-    # Weights to [M, O/ob, KH, KW, K, ob]: a vector over ob is one contiguous load.
+    # Weights to [M, O/vec, KH, KW, K, vec]: a vector over vec is one contiguous load.
     wt = sch.cache_read(conv, 1, "global")
-    sch.transform_layout(wt, ("write", 0), lambda m, o, ky, kx, k: (m, o // ob, ky, kx, k, o % ob))
+    sch.transform_layout(wt, ("write", 0),
+                         lambda m, o, ky, kx, k: (m, o // vec, ky, kx, k, o % vec))
 
     if fused:
         sch.compute_inline(C.DOT)
         driver = sch.get_sblock(C.EPILOGUE)
         out_local = sch.cache_write(driver, 0, "local")
         b, o, y, x, rm, rn = sch.get_loops(driver)
-        oo, oi = sch.split(o, [None, ob])
-        xo, xi = sch.split(x, [None, xb])
-        sch.reorder(b, y, oo, xo, rm, rn, xi, oi)
+        oo, ov, oi = sch.split(o, [None, knobs.vectors, vec])
+        xo, xi = sch.split(x, [None, knobs.pixels])
+        sch.reorder(b, y, oo, xo, rm, rn, xi, ov, oi)
         sch.parallel(sch.fuse(b, y, oo))
         # One base m at a time: its int32 tile is consumed at once by the float epilogue.
         sch.compute_at(conv, rm, preserve_unit_loops=True)
@@ -90,34 +164,36 @@ def schedule_conv(func: tirx.PrimFunc, geo: C.ConvGeometry, fused: bool) -> tirx
         sch.reverse_compute_at(out_local, xo)
         # Output channels innermost in the register tile, so the vector is contiguous.
         sch.transform_layout(driver, ("write", 0), lambda b, o, y, x: (b, y, x, o))
-        _vectorize_inner(sch, driver, unroll=2)
+        _vectorize_inner(sch, driver, unroll=3)
     else:
         driver = sch.get_sblock(C.DOT)
         m, n, b, o, y, x = sch.get_loops(driver)
-        oo, oi = sch.split(o, [None, ob])
-        xo, xi = sch.split(x, [None, xb])
-        sch.reorder(b, y, oo, xo, m, n, xi, oi)
+        oo, ov, oi = sch.split(o, [None, knobs.vectors, vec])
+        xo, xi = sch.split(x, [None, knobs.pixels])
+        sch.reorder(b, y, oo, xo, m, n, xi, ov, oi)
         sch.parallel(sch.fuse(b, y, oo))
         sch.compute_at(conv, m, preserve_unit_loops=True)
         _valid_wsum_at(sch, xo)
-        _vectorize_inner(sch, driver, unroll=1)
+        _vectorize_inner(sch, driver, unroll=2)
 
-    # The hot loop: reduction (ry, rx, rk) outside, planes x pixels x channel-vector inside.
+    # The hot loop: reduction (ry, rx, rk) outside, planes x pixels x channel vectors inside.
     m_, n_, b_, o_, y_, x_, ry, rx, rk = sch.get_loops(conv)[-9:]
-    sch.reorder(m_, b_, y_, ry, rx, rk, n_, x_, o_)
+    ov_, oi_ = sch.split(o_, [None, vec])
+    sch.reorder(m_, b_, y_, ry, rx, rk, n_, x_, ov_, oi_)
     sch.set_scope(conv, 0, "local")
-    # Accumulator tile with output channels innermost: one register per (n, pixel).
+    # Accumulator tile with output channels innermost: one register per (n, pixel, vector).
     sch.transform_layout(conv, ("write", 0), lambda m, n, b, o, y, x: (m, n, b, y, x, o))
-    _vectorize_inner(sch, conv, unroll=2)
+    _vectorize_inner(sch, conv, unroll=3)
+    sch.annotate(ry, "pragma_auto_unroll_max_step", knobs.unroll)
+    sch.annotate(ry, "pragma_unroll_explicit", 1)
     sch.decompose_reduction(conv, ry)
     if fused:
-        sch.decompose_reduction(driver, sch.get_loops(driver)[-4])
+        sch.decompose_reduction(driver, sch.get_loops(driver)[-5])
 
     for name, count in ((C.PAD, 3), (C.ACT_POPCOUNT, 3), (C.VALID_WSUM_COLS, 2)):
         if has_block(sch, name):
             _parallel_outer(sch, sch.get_sblock(name), count)
     _parallel_outer(sch, wt, 2)
-    return sch.mod["main"]
 
 
 def _valid_wsum_at(sch: s_tir.Schedule, loop: s_tir.LoopRV) -> None:
@@ -139,3 +215,247 @@ def _vectorize_inner(sch: s_tir.Schedule, block: s_tir.SBlockRV, unroll: int) ->
     sch.vectorize(loops[-1])
     for loop in loops[-1 - unroll : -1]:
         sch.unroll(loop)
+
+
+# ------------------------------------------------------------------- fused block kernel
+
+
+@dataclass(frozen=True)
+class BlockKnobs:
+    """Tunable choices of the fused block schedule (ints, or MetaSchedule ExprRVs)."""
+
+    vectors: Knob  # channel vectors per register tile
+    pixels: Knob  # output pixels per register tile
+    unroll: Knob  # auto-unroll budget of the (ky, kx, k) reduction loops
+
+
+def block_vector(out_channels: int, word_bits: int) -> int:
+    """Channels per weight vector (the weight layout the Relax pass writes): 512 bits."""
+    return _channel_vector(out_channels, word_bits)
+
+
+def block_candidates(spec: C.BlockSpec) -> dict[str, list[int]]:
+    """Candidate knob values, the default first.
+
+    Pixel tiles divide the output width (a predicated tile cannot use the packing
+    intrinsic and unrolls badly); registers: N*pixels*vectors int64 accumulators plus the
+    vectors of weights within the 32 vector registers.
+    """
+    geo = spec.geo
+    per_tile = spec.word_block // spec.vec
+    vectors = [r for r in (1, 2, 4, 8) if per_tile % r == 0]
+    ow, n = geo.out_width, geo.planes
+    divisors = [p for p in range(1, min(ow, 16) + 1) if ow % p == 0]
+    # Measured on Zen 5 (ResNet-18 layers): about 12 accumulators where the reduction is
+    # short (one word per tap), up to 21 otherwise; at most two channel vectors.
+    limit = 12 if geo.words <= 2 else 21
+    best = None
+    for r in [v for v in vectors if v <= 2]:
+        for px in divisors:
+            regs = n * px * r
+            if regs > limit and (px, r) != (1, 1):
+                continue
+            score = (regs, r)
+            if best is None or score > best[0]:
+                best = (score, r, px)
+    _, r0, px0 = best if best else (None, 1, 1)
+    unroll = [0, 16, 64]
+    if geo.words == 1 and n == 1:  # 9 one-word taps, one plane: the glue weighs most
+        r0, px0, unroll = 1, divisor_at_most(ow, 4), [64, 0, 16]
+    pixels = [px0] + [p for p in divisors if p != px0 and n * p <= 28]
+    return {"vectors": [r0] + [r for r in vectors if r != r0], "pixels": pixels,
+            "unroll": unroll}
+
+
+def default_block_knobs(spec: C.BlockSpec) -> BlockKnobs:
+    return BlockKnobs(**{k: v[0] for k, v in block_candidates(spec).items()})
+
+
+def schedule_block(func: tirx.PrimFunc, spec: C.BlockSpec,
+                   knobs: BlockKnobs | None = None) -> tirx.PrimFunc:
+    sch = s_tir.Schedule(func)
+    apply_block(sch, spec, knobs or default_block_knobs(spec))
+    return sch.mod["main"]
+
+
+def apply_block(sch: s_tir.Schedule, spec: C.BlockSpec, knobs: BlockKnobs) -> None:
+    """The fused block: parallel over (batch, word of output channels, row), then pixel tiles.
+
+    Per tile and channel sub-block: for each base m, the N x pixels x vectors int64
+    accumulators live in registers over the whole (ky, kx, k) reduction (one broadcast
+    activation word against `vectors` weight vectors), then fold into the float tile
+    c += ab * (Q - 2t). When all sub-blocks of a word are done, the glue (scale, shift,
+    residual, ReLU) and the next layer's bit-packing run on the tile in L1.
+    """
+    geo = spec.geo
+    vec, wb = spec.vec, spec.word_block
+    conv = sch.get_sblock(C.CONV)
+    acc = sch.get_sblock(C.ACCUMULATE)
+    glue = sch.get_sblock(C.GLUE)
+    b, y, x, o, rm, rn = sch.get_loops(acc)
+    oo, sub, ov, oi = sch.split(o, [geo.out_channels // wb, None, knobs.vectors, vec])
+    xo, xi = sch.split(x, [None, knobs.pixels])
+    # Channel blocks outside rows: consecutive tasks reuse one block's weights from L2
+    # (M x 64 channels x KH x KW x K words; all of a layer's weights need not fit).
+    sch.reorder(b, oo, y, xo, sub, rm, rn, xi, ov, oi)
+    sch.parallel(sch.fuse(b, oo, y))
+    sch.set_scope(acc, 0, "local")
+    sch.compute_at(conv, rm, preserve_unit_loops=True)
+    sch.reverse_compute_at(glue, xo, preserve_unit_loops=True)
+    pack = out = None
+    if spec.next_planes:
+        sch.set_scope(glue, 0, "local")
+        pack = sch.get_sblock(C.PACK_OUT)
+        sch.reverse_compute_at(pack, xo, preserve_unit_loops=True)
+        if spec.float_out:
+            out = sch.get_sblock(C.GLUE_OUT)
+            sch.reverse_compute_at(out, xo, preserve_unit_loops=True)
+
+    # The hot loop: (ky, kx, k) outside; planes x pixels x channel vectors unrolled inside.
+    n_, b_, y_, x_, o_, ry, rx, rk = sch.get_loops(conv)[-8:]
+    o_v, o_i = sch.split(o_, [None, vec])
+    sch.reorder(ry, rx, rk, n_, b_, y_, x_, o_v, o_i)
+    sch.set_scope(conv, 0, "local")
+    sch.vectorize(o_i)
+    for loop in (n_, x_, o_v):
+        sch.unroll(loop)
+    sch.annotate(ry, "pragma_auto_unroll_max_step", knobs.unroll)
+    sch.annotate(ry, "pragma_unroll_explicit", 1)
+    sch.decompose_reduction(conv, ry)
+
+    # Fold each base into the float tile: ab * (Q - 2t), all in registers.
+    sch.vectorize(oi)
+    for loop in (rn, xi, ov):
+        sch.unroll(loop)
+    sch.decompose_reduction(acc, rm)
+
+    # Glue over the whole word of channels of the tile. Where it feeds the packing, vectors
+    # of 8 floats, the width the packing compares (mixed widths make LLVM shuffle lanes).
+    width = 8 if pack is not None else 16
+    for block in (glue, out):
+        if block is None:
+            continue
+        gl = sch.get_loops(block)
+        _, g_oi = sch.split(gl[-1], [None, divisor_at_most(int(sch.get(gl[-1]).extent), width)])
+        sch.vectorize(g_oi)
+    if pack is not None:
+        _schedule_pack(sch, pack, geo.out_channels, geo.word_bits, "local")
+
+    for name, count in ((C.PAD, 3), (C.ACT_POPCOUNT, 3)):
+        if has_block(sch, name):
+            _parallel_outer(sch, sch.get_sblock(name), count)
+
+
+def _schedule_pack(sch: s_tir.Schedule, pack: s_tir.SBlockRV, channels: int, word_bits: int,
+                   scope: str) -> None:
+    """Bit-pack words of an NHWC float tile: compare + movmsk per 8 channels where possible."""
+    j = sch.get_loops(pack)[-1]
+    bits = int(sch.get(j).extent)
+    init = sch.decompose_reduction(pack, j)
+    name = pack_intrin(bits, scope) if _movmsk_ok(channels, word_bits, bits) else None
+    if name is not None:
+        sch.tensorize(j, name)
+    del init
+
+
+def _movmsk_ok(channels: int, word_bits: int, bits: int) -> bool:
+    """Whether a word packs with compare + movmsk (x86 AVX, whole groups of 8 channels).
+
+    Without a target in scope (MetaSchedule's rule, tests on this host) x86 is assumed: the
+    fused kernels are only emitted for x86 targets.
+    """
+    target = tvm.target.Target.current(allow_none=True)
+    if target is not None:
+        triple = str(target.attrs.get("mtriple", "x86_64"))
+        if str(target.kind.name) != "llvm" or not triple.startswith(("x86_64", "i686")):
+            return False
+    return word_bits == 64 and bits % 8 == 0 and (channels % word_bits == 0 or channels < 64)
+
+
+def pack_intrin(bits: int, scope: str) -> str:
+    """Tensor intrinsic: one packed word from `bits` floats: (z >= thr) via vcmpps + movmsk.
+
+    `llvm.x86.avx.movmsk.ps.256` takes the sign bits of 8 float lanes; the lanes are the
+    all-ones / zero int32 result of the float32 compare, so NaN packs to 0 as in ONNX.
+    """
+    name = f"abc_pack_movmsk_thr_{bits}_{scope}"
+    if s_tir.TensorIntrin.get(name, allow_missing=True) is not None:
+        return name
+    groups = bits // 8
+    movmsk = "llvm.x86.avx.movmsk.ps.256"
+
+    @T.prim_func(s_tir=True)
+    def desc(z: T.Buffer((bits,), "float32", offset_factor=1, scope=scope),
+             v: T.Buffer((1,), "float32", offset_factor=1),
+             w: T.Buffer((1,), "uint64", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(w[0], v[0], z[0:bits])
+            T.writes(w[0])
+            for j in range(bits):
+                with T.sblock("update"):
+                    vj = T.axis.remap("R", [j])
+                    w[0] = w[0] + T.Select(
+                        v[0] <= z[vj],
+                        T.shift_left(T.uint64(1), T.Cast("uint64", vj)), T.uint64(0))
+
+    @T.prim_func(s_tir=True)
+    def impl(z: T.Buffer((bits,), "float32", offset_factor=1, scope=scope),
+             v: T.Buffer((1,), "float32", offset_factor=1),
+             w: T.Buffer((1,), "uint64", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(w[0], v[0], z[0:bits])
+            T.writes(w[0])
+            for g in T.unroll(groups):
+                mask = T.Select(z[T.ramp(g * 8, 1, 8)] >= T.broadcast(v[0], 8),
+                                T.broadcast(T.int32(-1), 8), T.broadcast(T.int32(0), 8))
+                lanes = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(movmsk),
+                    T.reinterpret(mask, dtype="float32x8"), dtype="int32")
+                w[0] = w[0] | T.shift_left(T.Cast("uint64", lanes), T.Cast("uint64", g * 8))
+
+    s_tir.TensorIntrin.register(name, desc, impl)
+    return name
+
+
+# -------------------------------------------------------------------- MetaSchedule rules
+
+
+def _draw(sch: s_tir.Schedule, candidates: list[int]) -> s_tir.schedule.ExprRV:
+    return sch.sample_categorical(candidates, [1.0 / len(candidates)] * len(candidates))
+
+
+def conv_rule(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> list[s_tir.Schedule]:
+    """`s_tir.meta_schedule.cpu.abc_conv2d`: the hand-written schedule, knobs drawn.
+
+    Serves both conv kernels: the fused block kernel (`abc_block_spec` annotation) and the
+    plain ABC conv / dot (`abc_conv_geometry`).
+    """
+    annotations = sch.get(block).annotations
+    if C.BLOCK_KEY in annotations:
+        spec = C.BlockSpec.from_json(str(annotations[C.BLOCK_KEY]))
+        knobs = BlockKnobs(**{k: _draw(sch, v) for k, v in block_candidates(spec).items()})
+        apply_block(sch, spec, knobs)
+        return [sch]
+    geo = C.ConvGeometry.from_json(str(annotations[C.GEOMETRY_KEY]))
+    fused = has_block(sch, C.EPILOGUE)
+    knobs = ConvKnobs(**{k: _draw(sch, v) for k, v in conv_candidates(geo).items()})
+    apply_conv(sch, geo, fused, knobs)
+    return [sch]
+
+
+def bitpack_rule(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> list[s_tir.Schedule]:
+    """`s_tir.meta_schedule.cpu.abc_bitpack`: the bit-pack schedule, its knob drawn."""
+    if C.PACK_KEY in sch.get(block).annotations:  # from NHWC floats: rows per parallel task
+        height = int(sch.get(sch.get_loops(block)[2]).extent)
+        rows = [r for r in (1, 2, 4, 8) if height % r == 0]
+        apply_bitpack_nhwc(sch, _draw(sch, rows))
+        return [sch]
+    width = int(sch.get(sch.get_loops(block)[3]).extent)
+    apply_bitpack(sch, _draw(sch, bitpack_candidates(width)))
+    return [sch]
+
+
+RULES = {C.SCHEDULE_RULE: conv_rule, C.BITPACK_RULE: bitpack_rule}
+for _name, _rule in RULES.items():
+    if tvm.get_global_func(f"s_tir.meta_schedule.cpu.{_name}", allow_missing=True) is None:
+        tvm.register_global_func(f"s_tir.meta_schedule.cpu.{_name}", _rule)

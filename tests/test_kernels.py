@@ -6,6 +6,11 @@ kernels (channels around the word size, stride, asymmetric padding, kernel 1/3/5
 up to 8), kept small so the file runs in well under a minute. Compiled kernels are cached
 per shape. aarch64 and CUDA are checked by their generated code (`cnt`, `__popc`), and CUDA
 runs only where a GPU exists.
+
+Also here: the fused x86 block kernel (conv + BN/residual/ReLU glue + the next layer's
+packing, NHWC), the NHWC bit-pack, and the MetaSchedule rules (`abc_conv2d`, `abc_bitpack`):
+random knob draws replayed as MetaSchedule replays them must give the default schedule's
+bits.
 """
 
 from __future__ import annotations
@@ -365,6 +370,296 @@ def test_call_tir_through_relax():
     got = vm["main"](*[tvm.runtime.tensor(a, tvm.cpu(0)) for a in inputs]).numpy()
     direct = _run(_compiled_conv(case), *inputs, out=np.zeros_like(got))
     np.testing.assert_array_equal(got, direct)
+
+
+# ------------------------------------------------------------------ MetaSchedule rules
+
+TUNE_HOST = tvm.target.Target({**HOST.export(), "num-cores": 2})
+
+
+def _tuned_variants(func: tvm.tirx.PrimFunc, seeds: range,
+                    distinct: bool = True) -> list[tvm.runtime.Module]:
+    """What MetaSchedule measures: the rule's design space, replayed with fresh knob draws.
+
+    The space comes from MetaSchedule's own post-order-apply generator (so the custom rule is
+    found by its registered name); each seed replays its trace without decisions (as the
+    evolutionary search seeds its population) and runs the CPU postprocessors.
+    """
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+
+    mod = tvm.IRModule({"main": func})
+    ctx = ms.TuneContext(mod=mod, target=TUNE_HOST, space_generator="post-order-apply",
+                         task_name="abc", num_threads=1)
+    (space,) = ctx.generate_design_space()
+    draws = [d for i, d in space.trace.decisions.items() if i.kind.name == "SampleCategorical"]
+    assert draws, "the rule sampled no knob"
+    mods, seen = [], set()
+    for seed in seeds:
+        sch = s_tir.Schedule(mod, seed=seed)
+        s_tir.schedule.Trace(space.trace.insts, {}).apply_to_schedule(sch, remove_postproc=True)
+        assert all(p.apply(sch) for p in ctx.space_generator.postprocs)
+        seen.add(tuple(int(d) for d in sch.trace.decisions.values()))
+        mods.append(tvm.compile(sch.mod, target=HOST).mod)
+    assert len(seen) > 1 or not distinct, "every draw chose the same knobs"
+    return mods
+
+
+def test_unscheduled_kernels_carry_their_rule():
+    case = CASES[0]
+    conv = schedules.abc_conv_func(*case.args, target=HOST, scheduled=False)
+    pack = schedules.bitpack_func(1, 64, 6, 6, 3, 64, HOST, scheduled=False)
+    for func, rule in ((conv, "abc_conv2d"), (pack, "abc_bitpack")):
+        assert "tirx.is_scheduled" not in func.attrs
+        assert f'"schedule_rule": "{rule}"' in func.script()
+        assert tvm.get_global_func(f"s_tir.meta_schedule.cpu.{rule}", allow_missing=True)
+    scheduled = schedules.abc_conv_func(*case.args, target=HOST)
+    assert conv.attrs["global_symbol"] == scheduled.attrs["global_symbol"]
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[6], CASES[2]], ids=str)
+def test_metaschedule_rule_bit_exact(case: Case):
+    """Random knob draws of the conv rule: the dot bit-exact, the fused conv equal to default."""
+    layer = _layer(case, seed=_seed(case))
+    oh, ow = _out_hw(case)
+    expected = ref.abc_conv_dot(
+        layer.x, layer.v, layer.bases, case.stride, case.padding, case.act, case.word_bits
+    )
+    dot = schedules.abc_dot_func(*case.args, target=HOST, scheduled=False)
+    for mod in _tuned_variants(dot, range(1, 5)):
+        out = np.zeros((case.M, case.N, case.batch, case.out_channels, oh, ow), np.int32)
+        got = _run(mod, layer.packed, layer.wbits, layer.wsum, out=out)
+        np.testing.assert_array_equal(got, expected)
+    args = (layer.packed, layer.wbits, layer.wsum, layer.alpha, layer.beta)
+    out = np.zeros((case.batch, case.out_channels, oh, ow), np.float32)
+    default = _run(_compiled_conv(case), *args, out=out)
+    conv = schedules.abc_conv_func(*case.args, target=HOST, scheduled=False)
+    for mod in _tuned_variants(conv, range(1, 5)):
+        np.testing.assert_array_equal(_run(mod, *args, out=out), default)
+
+
+def test_metaschedule_bitpack_rule_bit_exact():
+    shape, planes = (1, 70, 3, 16), 3
+    rng = np.random.default_rng(5)
+    v = rng.uniform(-0.6, 0.6, planes).astype(np.float32)
+    x = rng.uniform(-1.0, 2.0, shape).astype(np.float32)
+    expected = ref.pack_activations(x, v, 64)
+    pack = schedules.bitpack_func(*shape, planes, 64, HOST, scheduled=False)
+    for mod in _tuned_variants(pack, range(1, 7)):
+        got = _run(mod, x, v, out=np.zeros(expected.shape, np.uint64))
+        np.testing.assert_array_equal(got, expected)
+
+
+# ------------------------------------------------------------------ fused block kernel
+
+
+@dataclass(frozen=True)
+class BlockCase:
+    """One fused block kernel: a conv case plus its glue and outputs."""
+
+    conv: Case
+    affine: bool
+    residual: bool
+    relu: bool
+    float_out: bool
+    next_planes: int
+
+    def spec(self):
+        from abc_tvm.schedules import compute
+
+        c = self.conv
+        geo = compute.ConvGeometry(c.batch, c.channels, c.height, c.width, c.out_channels,
+                                   c.kernel, c.stride, c.padding, c.M, c.N, c.word_bits)
+        vec = schedules.block_vector(c.out_channels, c.word_bits, HOST)
+        return compute.BlockSpec(geo, c.bipolar, vec, self.affine, self.residual, self.relu,
+                                 self.float_out, self.next_planes)
+
+    def __str__(self) -> str:
+        flags = "".join(f for f, on in (("a", self.affine), ("r", self.residual),
+                                        ("l", self.relu), ("f", self.float_out)) if on)
+        return f"{self.conv}_{flags}p{self.next_planes}"
+
+
+BLOCK_CASES = [
+    # ResNet BasicBlock conv1 (BN + ReLU + pack) and conv2 (BN + residual + ReLU, both outputs)
+    BlockCase(Case(1, 64, 6, 6, 64, (3, 3), (1, 1), (1, 1, 1, 1), 3, 3, True), True, False,
+              True, False, 3),
+    BlockCase(Case(1, 64, 6, 6, 64, (3, 3), (1, 1), (1, 1, 1, 1), 2, 2, True), True, True,
+              True, True, 2),
+    # two output words, stride 2, 130 input channels (3 words, the last partial)
+    BlockCase(Case(1, 130, 4, 9, 128, (3, 3), (2, 2), (1, 1, 1, 1), 3, 2, False), True, False,
+              True, True, 1),
+    # fewer channels than a word (one 16-bit word), asymmetric padding, batch 2
+    BlockCase(Case(2, 70, 5, 7, 16, (3, 3), (2, 1), (0, 1, 2, 1), 2, 1, True), False, True,
+              False, True, 4),
+    # channels that no vector divides evenly (12: scalar packing), unipolar, 5x5
+    BlockCase(Case(1, 65, 5, 6, 12, (5, 5), (1, 1), (2, 2, 2, 2), 1, 2, False), True, True,
+              True, True, 2),
+    # float output only (the block before a float head), 1x1 kernel, prime width
+    BlockCase(Case(1, 64, 3, 7, 8, (1, 1), (1, 1), (0, 0, 0, 0), 1, 1, True), False, False,
+              True, True, 0),
+    # input smaller than the kernel: windows clipped at the top and the bottom at once
+    BlockCase(Case(1, 3, 2, 11, 8, (5, 5), (1, 1), (2, 2, 2, 2), 1, 3, True), False, False,
+              False, True, 2),
+    # 96 channels: float output only (a partial second word packs separately)
+    BlockCase(Case(1, 33, 4, 4, 96, (3, 3), (1, 1), (1, 1, 1, 1), 2, 2, True), True, False,
+              False, True, 0),
+]
+
+
+@dataclass
+class BlockData:
+    inputs: list[np.ndarray]
+    outputs: list[np.ndarray]
+    conv: np.ndarray  # reference conv output, NHWC float64
+    scale: np.ndarray
+    shift: np.ndarray
+    res: np.ndarray
+    v_next: np.ndarray
+
+
+def _block_data(case: BlockCase, seed: int) -> BlockData:
+    from abc_tvm.schedules import compute
+
+    spec = case.spec()
+    c = case.conv
+    layer = _layer(c, seed)
+    rng = np.random.default_rng(seed + 1)
+    oh, ow = _out_hw(c)
+    o = c.out_channels
+    ab = (layer.alpha[:, None, :] * layer.beta[None, :, None]).astype(np.float32)
+    wbits = compute.block_weights(layer.wbits, spec.vec)
+    inputs = [layer.packed, wbits, ab]
+    if c.bipolar:
+        inputs.append(compute.bipolar_table(layer.wsum, spec.geo))
+    scale = rng.uniform(0.5, 1.5, o).astype(np.float32)
+    shift = rng.normal(0.3, 1.0, o).astype(np.float32)
+    res = rng.normal(0.0, 1.0, (c.batch, oh, ow, o)).astype(np.float32)
+    v_next = rng.uniform(-0.6, 0.6, max(case.next_planes, 1)).astype(np.float32)
+    v_next = v_next[: case.next_planes]
+    if case.affine:
+        inputs += [scale, shift]
+    if case.residual:
+        inputs.append(res)
+    if case.next_planes:
+        inputs.append(compute.exact_thresholds(v_next))
+    outputs = []
+    if case.float_out:
+        outputs.append(np.zeros((c.batch, oh, ow, o), np.float32))
+    if case.next_planes:
+        words = schedules.num_words(o, c.word_bits)
+        outputs.append(np.zeros((case.next_planes, c.batch, oh, ow, words), np.uint64))
+    conv = ref.abc_conv2d(layer.x, layer.v, layer.beta, layer.bases, layer.alpha, c.stride,
+                          c.padding, c.act, c.word_bits).astype(np.float64).transpose(0, 2, 3, 1)
+    return BlockData(inputs, outputs, conv, scale, shift, res, v_next)
+
+
+def _run_multi(mod: tvm.runtime.Module, inputs: list[np.ndarray], outputs: list[np.ndarray]):
+    dev = tvm.cpu(0)
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in inputs + outputs]
+    mod(*args)
+    return [a.numpy() for a in args[len(inputs):]]
+
+
+@functools.cache
+def _compiled_block(case: BlockCase) -> tvm.runtime.Module:
+    return tvm.compile(schedules.abc_block_func(case.spec(), HOST), target=HOST).mod
+
+
+def _expected_glue(case: BlockCase, data: BlockData) -> np.ndarray:
+    z = data.conv
+    if case.affine:
+        z = z * data.scale + data.shift
+    if case.residual:
+        z = z + data.res
+    if case.relu:
+        z = np.maximum(z, 0.0)
+    return z
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=str)
+def test_block_kernel_matches_reference(case: BlockCase):
+    """The fused kernel: float output close to the reference glue; packed planes bit-exact.
+
+    The packed planes are the reference packing of the kernel's own float output (where it
+    writes one) bit for bit; else of the reference float output, except within float32
+    rounding of the threshold.
+    """
+    data = _block_data(case, _seed(case.conv))
+    got = _run_multi(_compiled_block(case), data.inputs, data.outputs)
+    expected = _expected_glue(case, data)
+    tol = 1e-5 * np.abs(expected).max() + 1e-5
+    if case.float_out:
+        np.testing.assert_allclose(got[0], expected, rtol=1e-5, atol=tol)
+    if case.next_planes:
+        z = got[0] if case.float_out else expected.astype(np.float32)
+        packed = ref.pack_activations(z.transpose(0, 3, 1, 2), data.v_next, 64)
+        if case.float_out:
+            np.testing.assert_array_equal(got[-1], packed)
+        else:
+            # bits of values within rounding of the threshold may differ
+            near = np.abs(expected[None] + data.v_next[:, None, None, None, None] - 0.5) < tol
+            differ = ref.pack_bits(near, 64)
+            assert np.mean(near) < 0.01
+            np.testing.assert_array_equal(got[-1] & ~differ, packed & ~differ)
+
+
+@pytest.mark.parametrize("case", [BLOCK_CASES[1], BLOCK_CASES[3], BLOCK_CASES[4]], ids=str)
+def test_block_rule_bit_exact(case: BlockCase):
+    """Random knob draws of the block kernel's rule give the default schedule's bits."""
+    data = _block_data(case, _seed(case.conv))
+    default = _run_multi(_compiled_block(case), data.inputs, data.outputs)
+    func = schedules.abc_block_func(case.spec(), HOST, scheduled=False)
+    assert "tirx.is_scheduled" not in func.attrs
+    for mod in _tuned_variants(func, range(1, 4)):
+        for got, want in zip(_run_multi(mod, data.inputs, data.outputs), default, strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(("shape", "planes"), [((1, 4, 5, 64), 3), ((2, 3, 2, 128), 1),
+                                                ((1, 2, 3, 16), 2), ((1, 3, 3, 70), 2)])
+def test_bitpack_nhwc_bit_exact(shape: tuple[int, int, int, int], planes: int):
+    """NHWC packing (compare + movmsk): threshold edges and NaN as the reference."""
+    rng = np.random.default_rng(sum(shape) + planes)
+    v = rng.uniform(-0.6, 0.6, planes).astype(np.float32)
+    x = rng.uniform(-1.0, 2.0, shape).astype(np.float32)
+    edge = rng.random(shape) < 0.33
+    x = np.where(edge, _near_threshold(shape, v, rng), x).astype(np.float32)
+    x.flat[0] = np.nan
+    expected = ref.pack_activations(x.transpose(0, 3, 1, 2), v, 64)
+    thr = schedules.compute.exact_thresholds(v)
+    func = schedules.bitpack_nhwc_func(*shape, planes, 64, HOST)
+    got = _run(tvm.compile(func, target=HOST).mod, x, thr, out=np.zeros_like(expected))
+    np.testing.assert_array_equal(got, expected)
+    for mod in _tuned_variants(schedules.bitpack_nhwc_func(*shape, planes, 64, HOST,
+                                                           scheduled=False), range(1, 3),
+                               distinct=False):
+        np.testing.assert_array_equal(_run(mod, x, thr, out=np.zeros_like(expected)), expected)
+
+
+def test_exact_thresholds_match_float32_add():
+    """x >= T(v) agrees with float32(x + v) >= 0.5 on every float32 near the edge."""
+    rng = np.random.default_rng(11)
+    v = np.concatenate([rng.uniform(-0.7, 0.7, 40), [0.0, 0.5, -0.5, 1e-8, 0.4819943,
+                                                    -0.6979347, 0.6398147, 3.0, -3.0]])
+    v = v.astype(np.float32)
+    thr = schedules.compute.exact_thresholds(v)
+    for vn, tn in zip(v, thr, strict=True):
+        x = _ulps_around(np.float32(0.5) - vn, 40)
+        x = np.concatenate([x, _ulps_around(tn, 40), [np.nan, np.inf, -np.inf, 0.0, -0.0]])
+        x = x.astype(np.float32)
+        np.testing.assert_array_equal(x >= tn, (x + vn).astype(np.float32) >= np.float32(0.5))
+
+
+def test_popcount_peak_kernel_counts():
+    """The roofline microbenchmark computes what it claims (its timing is not asserted)."""
+    func, bitops = schedules.popcount_peak_func(HOST, words=64, vectors=3)
+    assert bitops == 64 * 3 * 8 * 64
+    rng = np.random.default_rng(9)
+    a = rng.integers(0, 2**63, 64, dtype=np.uint64)
+    w = rng.integers(0, 2**63, (3, 8), dtype=np.uint64)
+    got = _run(tvm.compile(func, target=HOST).mod, a, w, out=np.zeros((3, 8), np.int64))
+    np.testing.assert_array_equal(got, ref.popcount(a[None, None] & w[:, :, None]).sum(-1))
 
 
 def _cpu_flags() -> set[str]:

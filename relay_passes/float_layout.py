@@ -1,0 +1,185 @@
+"""Float glue around the ABC kernels (x86): BatchNorm folding, NHWC layout, permute cleanup.
+
+After the ABC rewrite the binary region is NHWC (the fused kernels read and write NHWC) and
+the float ops around it are NCHW with `permute_dims` at every boundary. These passes make
+the float ops NHWC as well, so that layout changes remain only where the network enters and
+leaves the ABC region (the float stem's input, the classifier head):
+
+- `fold_conv_batch_norm`: inference BatchNorm after a float conv with constant weights is
+  folded into the weights and a bias, as ONNX Runtime folds it (W' = W * gamma/sqrt(var+eps),
+  b' = beta - mean * gamma/sqrt(var+eps), float32), so conv + bias + ReLU fuse into one
+  kernel;
+- `to_nhwc`: Relax's ConvertLayout (conv2d to NHWC/HWIO; BN, ReLU, pooling, adds follow),
+  then `simplify_permutes`: permute pairs cancel, identity permutes vanish, permutes of
+  constants fold, and a keepdims mean over a permuted tensor reduces the tensor before
+  permuting (the classifier's global pooling).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+
+def _defs(func: relax.Function) -> tuple[dict, dict]:
+    """Var -> bound value, and Var -> number of uses, over a function's dataflow bindings."""
+    defs: dict = {}
+    uses: dict = {}
+
+    def count(e: relax.Expr) -> None:
+        if isinstance(e, relax.Var):
+            uses[e] = uses.get(e, 0) + 1
+        elif isinstance(e, relax.Call):
+            for a in e.args:
+                count(a)
+        elif isinstance(e, relax.Tuple):
+            for f in e.fields:
+                count(f)
+        elif isinstance(e, relax.TupleGetItem):
+            count(e.tuple_value)
+
+    for block in func.body.blocks:
+        for b in block.bindings:
+            defs[b.var] = b.value
+            count(b.value)
+    count(func.body.body)
+    return defs, uses
+
+
+def _is_op(e: relax.Expr, name: str) -> bool:
+    return isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == name
+
+
+def _const(e: relax.Expr, defs: dict) -> np.ndarray | None:
+    while isinstance(e, relax.Var) and e in defs:
+        e = defs[e]
+    if isinstance(e, tvm.ir.GenericConst):
+        return e.value.numpy()
+    return None
+
+
+@mutator
+class _FoldBN(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, defs: dict, uses: dict) -> None:
+        super().__init__(mod)
+        self.defs, self.uses = defs, uses
+
+    def _fold(self, value: relax.Expr) -> relax.Expr | None:
+        if not isinstance(value, relax.TupleGetItem) or value.index != 0:
+            return None
+        bn = self.defs.get(value.tuple_value)
+        if not _is_op(bn, "relax.nn.batch_norm"):
+            return None
+        a = bn.attrs
+        conv_var = bn.args[0]
+        conv = self.defs.get(conv_var)
+        if bool(a.training) or int(a.axis) != 1 or not _is_op(conv, "relax.nn.conv2d"):
+            return None
+        ca = conv.attrs
+        if (str(ca.data_layout), str(ca.kernel_layout), str(ca.out_layout)) != (
+                "NCHW", "OIHW", "NCHW") or self.uses.get(conv_var, 0) != 1:
+            return None
+        w = _const(conv.args[1], self.defs)
+        params = [_const(p, self.defs) for p in bn.args[1:]]
+        if w is None or w.dtype != np.float32 or any(p is None for p in params):
+            return None
+        o = w.shape[0]
+        gamma, beta, mean, var = (np.asarray(p, np.float32).reshape(-1) for p in params)
+        if any(p.size != o for p in (gamma, beta, mean, var)):
+            return None
+        if not bool(a.scale):
+            gamma = np.ones(o, np.float32)
+        if not bool(a.center):
+            beta = np.zeros(o, np.float32)
+        scale = ((np.float32(1.0) / np.sqrt(var + np.float32(a.epsilon))) * gamma).astype(
+            np.float32)
+        shift = (beta - mean * scale).astype(np.float32)
+        w2 = (w * scale[:, None, None, None]).astype(np.float32)
+        x = self.visit_expr(conv.args[0])
+        new_conv = self.builder_.emit(relax.op.nn.conv2d(
+            x, relax.const(w2), strides=ca.strides, padding=ca.padding, dilation=ca.dilation,
+            groups=ca.groups, data_layout="NCHW", kernel_layout="OIHW", out_layout="NCHW",
+            out_dtype=ca.out_dtype if str(ca.out_dtype) else None))
+        return relax.op.add(new_conv, relax.const(shift.reshape(1, o, 1, 1)))
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        folded = self._fold(binding.value)
+        if folded is not None:
+            binding = relax.VarBinding(binding.var, folded)
+        super().visit_var_binding_(binding)
+
+
+@mutator
+class _Permutes(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, defs: dict) -> None:
+        super().__init__(mod)
+        self.defs = defs
+
+    def _permute_of(self, e: relax.Expr) -> tuple[relax.Expr, list[int]] | None:
+        value = self.defs.get(e) if isinstance(e, relax.Var) else e
+        if _is_op(value, "relax.permute_dims") and value.attrs.axes is not None:
+            return value.args[0], [int(a) for a in value.attrs.axes]
+        return None
+
+    def _simplify(self, value: relax.Expr) -> relax.Expr | None:
+        if _is_op(value, "relax.permute_dims") and value.attrs.axes is not None:
+            x, axes = value.args[0], [int(a) for a in value.attrs.axes]
+            inner = self._permute_of(x)
+            if inner is not None:  # permute(permute(y, p1), p2) = permute(y, p1[p2])
+                x, axes = inner[0], [inner[1][a] for a in axes]
+            c = _const(x, self.defs)
+            if c is not None:
+                return relax.const(np.ascontiguousarray(np.transpose(c, axes)))
+            if axes == list(range(len(axes))):
+                return x
+            if inner is not None:
+                return relax.op.permute_dims(x, axes)
+            return None
+        if _is_op(value, "relax.mean") and bool(value.attrs.keepdims) and \
+                value.attrs.axis is not None:
+            inner = self._permute_of(value.args[0])
+            if inner is None:
+                return None
+            y, p = inner
+            axes = sorted(p[int(a)] for a in value.attrs.axis)
+            reduced = self.builder_.emit(relax.op.mean(self.visit_expr(y), axes, keepdims=True))
+            return relax.op.permute_dims(reduced, p)
+        return None
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        new = self._simplify(binding.value)
+        if new is not None:
+            if isinstance(new, relax.Var) and isinstance(binding.var, relax.DataflowVar):
+                self.set_var_remap(binding.var, self.visit_expr(new))
+                return
+            binding = relax.VarBinding(binding.var, new)
+        super().visit_var_binding_(binding)
+
+
+def _run(mutator_cls, mod: tvm.IRModule, func_name: str, *extra) -> tvm.IRModule:
+    func = mod[func_name]
+    defs, uses = _defs(func)
+    args = (defs, uses) if mutator_cls is _FoldBN else (defs,)
+    m = mutator_cls(mod, *args, *extra)
+    new_func = m.visit_expr(func)
+    m.builder_.update_func(mod.get_global_var(func_name), new_func)
+    return relax.transform.DeadCodeElimination()(m.builder_.get())
+
+
+def fold_conv_batch_norm(mod: tvm.IRModule, func_name: str = "main") -> tvm.IRModule:
+    """Fold inference BatchNorm into the float conv2d before it (constant weights)."""
+    return _run(_FoldBN, mod, func_name)
+
+
+def simplify_permutes(mod: tvm.IRModule, func_name: str = "main") -> tvm.IRModule:
+    for _ in range(3):  # chains of permutes collapse one level per sweep
+        mod = _run(_Permutes, mod, func_name)
+    return mod
+
+
+def to_nhwc(mod: tvm.IRModule, func_name: str = "main") -> tvm.IRModule:
+    """Float convs (and the ops that follow their layout) to NHWC; boundary permutes cleaned."""
+    mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})(mod)
+    return simplify_permutes(mod, func_name)
