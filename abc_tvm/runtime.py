@@ -1,52 +1,155 @@
-"""Load a compiled abc-tvm module (.so + manifest) and run it on this host."""
+"""Load a compiled abc-tvm module (.so + manifest) and run it on this host, or on the board.
+
+`load(path)` checks the .so against the sha256 in its manifest before TVM sees it, so a
+corrupt or tampered file is refused with a clear message instead of being dlopen'ed.
+
+Only the TVM runtime is needed here (no ONNX, no compiler), so the module also works on an
+aarch64 board that has Python and the apache-tvm wheel.
+
+Concurrency: one Relax VM is not safe for concurrent use, so a model keeps a pool of VMs
+(created on demand, at most `workers`, default one per usable CPU). All VMs share the
+executable and its weights; each holds only its own registers and scratch memory. TVM's
+function calls release the GIL, so the pool runs calls truly in parallel. Measured on the
+2-core AMD EPYC dev box with ABC-ResNet-20 (CIFAR, M=N=3, batch 1, x86), calls/s with 2
+calling threads: one VM behind a lock 1077, a pool of 2 VMs 2161 (TVM_NUM_THREADS=1); with
+TVM's default of 2 threads per call, 345 vs 669. The pool wins by 2x, so it is kept
+(`benchmarks/serve_load.py` repeats the measurement into docs/benchmarks.md, "## Serving").
+On this small model one thread per call is also 3x faster than TVM's default of all cores,
+so when several threads call at once set TVM_NUM_THREADS to cores / workers (it is read
+when a thread first runs a kernel): `abc-tvm serve` does that by default.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import platform
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm.runtime.vm import VirtualMachine
 
-from abc_tvm.compiler import MANIFEST_SUFFIX, sha256
 from abc_tvm.errors import UserError
-from abc_tvm.frontend import TensorInfo
+
+# Same value as abc_tvm.compiler.MANIFEST_SUFFIX; not imported from there because the
+# compiler pulls in ONNX and the Relax frontend, which a board need not have.
+MANIFEST_SUFFIX = ".json"
+
+# Which host machines can run a module compiled for each abc-tvm target name.
+_HOST_MACHINES = {"x86": ("x86_64", "amd64"), "arm": ("aarch64", "arm64")}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, static shape and dtype of a model input or output, as in the manifest."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (the affinity mask, not the machine's core count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tensor_infos(manifest: dict, key: str, mpath: Path) -> list[TensorInfo]:
+    try:
+        return [TensorInfo(str(t["name"]), tuple(int(d) for d in t["shape"]), str(t["dtype"]))
+                for t in manifest[key]]
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"manifest {mpath} has no valid {key!r} list: recompile the model "
+                        "with abc-tvm compile") from None
 
 
 class CompiledModel:
-    """A compiled model: metadata from its manifest and `__call__(array) -> array`.
+    """A compiled model: metadata from its manifest, and `__call__(array) -> array`.
 
-    Calls are serialised by a lock: one Relax VM is not safe for concurrent use.
+    Thread-safe: concurrent calls each take a VM from a pool of at most `workers` VMs and
+    wait only when all of them are busy.
     """
 
-    def __init__(self, path: Path, manifest: dict) -> None:
+    def __init__(self, path: Path, manifest: dict, workers: int | None = None) -> None:
         self.path = path
+        self.name = path.name.removesuffix(".so")
         self.manifest = manifest
-        self.inputs = [TensorInfo(t["name"], tuple(t["shape"]), t["dtype"])
-                       for t in manifest["inputs"]]
-        self.outputs = [TensorInfo(t["name"], tuple(t["shape"]), t["dtype"])
-                        for t in manifest["outputs"]]
-        kind = manifest["target"]["name"]
-        self.device = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
-        if kind == "cuda" and not self.device.exist:
-            raise UserError(f"{path} was compiled for CUDA but this machine has no CUDA GPU")
-        if kind == "arm":
-            raise UserError(f"{path} was compiled for aarch64 (--target arm); run it on the "
-                            "board, or compile with --target x86 to run it here")
+        mpath = Path(str(path) + MANIFEST_SUFFIX)
+        self.inputs = _tensor_infos(manifest, "inputs", mpath)
+        self.outputs = _tensor_infos(manifest, "outputs", mpath)
         try:
-            lib = tvm.runtime.load_module(str(path))
+            self.target = str(manifest["target"]["name"])
+        except (KeyError, TypeError):
+            raise UserError(f"manifest {mpath} names no target: recompile the model") from None
+        self.workers = usable_cpus() if workers is None else workers
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise UserError(f"workers must be a positive integer (got {workers!r})")
+        self.device = self._device(path)
+        try:
+            self._lib = tvm.runtime.load_module(str(path))
         except Exception as e:
             raise UserError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
-        self._vm = relax.VirtualMachine(lib, self.device)
-        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(self.workers)
+        self._idle_lock = threading.Lock()
+        self._idle: list[VirtualMachine] = []
+        self.vms_created = 0
+        self._idle.append(self._new_vm())  # one now: a module that cannot start fails at load
 
-    def __call__(self, *arrays: np.ndarray) -> np.ndarray:
+    def _device(self, path: Path) -> tvm.runtime.Device:
+        if self.target == "cuda":
+            dev = tvm.cuda(0)
+            if not dev.exist:
+                raise UserError(f"{path} was compiled for CUDA but this machine has no CUDA GPU")
+            return dev
+        machine = platform.machine().lower()
+        if self.target in _HOST_MACHINES and machine not in _HOST_MACHINES[self.target]:
+            if self.target == "arm":
+                raise UserError(f"{path} was compiled for aarch64 (--target arm); run it on the "
+                                "board, or compile with --target x86 to run it here")
+            raise UserError(f"{path} was compiled for {self.target} and cannot run on this "
+                            f"{machine} host: compile it with --target arm")
+        return tvm.cpu(0)
+
+    def _new_vm(self) -> VirtualMachine:
+        try:
+            vm = VirtualMachine(self._lib, self.device)
+        except Exception as e:
+            raise UserError(f"{self.path} is not an abc-tvm module (no Relax VM in it): "
+                            f"{str(e).splitlines()[0]}") from None
+        self.vms_created += 1
+        return vm
+
+    @property
+    def batch_size(self) -> int:
+        """The leading dimension every input was compiled for (1 when there is none)."""
+        dims = {i.shape[0] if i.shape else 1 for i in self.inputs}
+        return dims.pop() if len(dims) == 1 else 1
+
+    def check(self, *arrays: np.ndarray, finite: bool = False) -> list[np.ndarray]:
+        """The inputs as contiguous arrays, or a UserError naming the first one that is wrong.
+
+        `finite` also refuses NaN and Inf: the binarisation maps NaN to bit 0 without a word.
+        """
         if len(arrays) != len(self.inputs):
             raise UserError(f"model takes {len(self.inputs)} input(s), got {len(arrays)}")
-        args = []
+        out = []
         for a, info in zip(arrays, self.inputs, strict=True):
             a = np.asarray(a)
             if a.shape != info.shape:
@@ -54,12 +157,35 @@ class CompiledModel:
                                 f"got {list(a.shape)}")
             if a.dtype != np.dtype(info.dtype):
                 raise UserError(f"input {info.name!r} must be {info.dtype}, got {a.dtype}")
-            args.append(tvm.runtime.tensor(np.ascontiguousarray(a), self.device))
-        with self._lock:
-            out = self._vm["main"](*args)
+            if finite and not np.isfinite(a).all():
+                raise UserError(f"input {info.name!r} holds NaN or Inf, which the model's "
+                                "binarisation cannot take")
+            out.append(np.ascontiguousarray(a))
+        return out
+
+    def run(self, *arrays: np.ndarray, finite: bool = False) -> list[np.ndarray]:
+        """All outputs, in manifest order, for one set of inputs."""
+        args = [tvm.runtime.tensor(a, self.device) for a in self.check(*arrays, finite=finite)]
+        with self._slots:
+            with self._idle_lock:
+                vm = self._idle.pop() if self._idle else self._new_vm()
+            try:
+                out = vm["main"](*args)
+            finally:
+                with self._idle_lock:
+                    self._idle.append(vm)
         if isinstance(out, tvm.runtime.Tensor):
-            return out.numpy()
-        return out[0].numpy()
+            return [out.numpy()]
+        return [t.numpy() for t in out]
+
+    def __call__(self, *arrays: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
+        """The output array (a tuple of them for a model with several outputs)."""
+        outs = self.run(*arrays)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def __repr__(self) -> str:
+        return (f"CompiledModel({self.name!r}, target={self.target}, inputs="
+                f"{[i.as_dict() for i in self.inputs]}, workers={self.workers})")
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -72,14 +198,19 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise UserError(f"{path} has no manifest {mpath.name} beside it: copy both files")
     try:
         manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"manifest {mpath} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"manifest {mpath} is not a JSON object")
     if sha256(path) != manifest.get("sha256"):
         raise UserError(f"{path} does not match the sha256 in {mpath.name}: the file was "
                         "changed or corrupted after compilation; recompile it")
     return manifest
 
 
-def load(path: str | os.PathLike) -> CompiledModel:
-    """Load a compiled .so after checking it against its manifest."""
-    return CompiledModel(Path(path), read_manifest(path))
+def load(path: str | os.PathLike, workers: int | None = None) -> CompiledModel:
+    """Load a compiled .so after checking it against its manifest.
+
+    `workers` bounds how many calls run at once (one VM each); default: usable CPUs.
+    """
+    return CompiledModel(Path(path), read_manifest(path), workers=workers)
