@@ -1,0 +1,330 @@
+// abc-run: run an abc-tvm compiled model (.so) on a board with no Python and no TVM install.
+//
+//   abc-run MODEL.so IN.npy OUT.npy [--repeat N]
+//
+// Reads IN.npy (float32, C order), checks its shape against MODEL.so.json (the manifest
+// written by `abc-tvm compile`, when present), runs the Relax VM entry `main` and writes
+// the output as OUT.npy (float32, C order). With --repeat N it also times N runs (after one
+// warm-up) and prints the mean and minimum in ms on stderr.
+//
+// Every failure is one line on stderr starting "abc-run: error:" and a non-zero exit:
+// 2 for bad input (arguments, files, shapes, a .so for another CPU), 1 when the model fails.
+// Missing TVM runtime libraries stop the dynamic loader before main(): run.sh checks them.
+//
+// Built by abc_tvm.deploy with the cross compiler, against the apache-tvm-ffi headers of the
+// aarch64 wheel, linked with -Wl,--no-as-needed -ltvm_runtime -ltvm_ffi (without
+// --no-as-needed the runtime that registers the VM loader is dropped and loading crashes).
+
+#include <dlpack/dlpack.h>
+#include <elf.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/module.h>
+#include <tvm/ffi/function.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+namespace ffi = tvm::ffi;
+
+// One line on stderr, then exit: the only way this program reports a problem.
+[[noreturn]] void Fail(int code, const std::string& message) {
+  std::string line = message;
+  std::replace(line.begin(), line.end(), '\n', ' ');
+  std::fprintf(stderr, "abc-run: error: %s\n", line.c_str());
+  std::exit(code);
+}
+
+constexpr int kBadInput = 2;
+constexpr int kRunFailed = 1;
+
+std::string ReadFile(const std::string& path, const char* what) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) Fail(kBadInput, std::string("cannot open ") + what + " " + path);
+  std::ostringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+std::string ShapeText(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+// ------------------------------------------------------------------------------ ELF
+
+#if defined(__aarch64__)
+constexpr uint16_t kMachine = EM_AARCH64;
+constexpr const char* kMachineName = "aarch64";
+#elif defined(__arm__)
+constexpr uint16_t kMachine = EM_ARM;
+constexpr const char* kMachineName = "armv7";
+#elif defined(__x86_64__)
+constexpr uint16_t kMachine = EM_X86_64;
+constexpr const char* kMachineName = "x86_64";
+#else
+#error "abc-run: unsupported host architecture"
+#endif
+
+const char* MachineName(uint16_t machine) {
+  switch (machine) {
+    case EM_AARCH64: return "aarch64";
+    case EM_ARM: return "32-bit ARM";
+    case EM_X86_64: return "x86_64";
+    case EM_386: return "x86 (32-bit)";
+    case EM_RISCV: return "RISC-V";
+    default: return "another architecture";
+  }
+}
+
+// Refuse a model built for another CPU before dlopen, whose own message is cryptic.
+void CheckElf(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) Fail(kBadInput, "cannot open model " + path);
+  unsigned char ident[EI_NIDENT] = {0};
+  uint16_t type_machine[2] = {0, 0};
+  in.read(reinterpret_cast<char*>(ident), EI_NIDENT);
+  in.read(reinterpret_cast<char*>(type_machine), sizeof(type_machine));
+  if (!in || std::memcmp(ident, ELFMAG, SELFMAG) != 0) {
+    Fail(kBadInput, path + " is not a shared library (no ELF header): pass the model .so");
+  }
+  uint16_t machine = type_machine[1];
+  if (machine != kMachine) {
+    Fail(kBadInput, path + " was compiled for " + MachineName(machine) + ", this runner is " +
+                        kMachineName + ": compile the model with --target arm (or a board "
+                        "preset) and copy that .so");
+  }
+}
+
+// --------------------------------------------------------------------------- .npy
+
+struct Array {
+  std::vector<int64_t> shape;
+  std::vector<float> data;
+};
+
+// The value of 'key' in a .npy header dict ("{'descr': '<f4', 'fortran_order': False, ...}").
+std::string HeaderValue(const std::string& header, const std::string& key, const std::string& path) {
+  size_t k = header.find("'" + key + "'");
+  if (k == std::string::npos) Fail(kBadInput, path + ": .npy header has no '" + key + "'");
+  size_t colon = header.find(':', k);
+  if (colon == std::string::npos) Fail(kBadInput, path + ": malformed .npy header");
+  size_t start = header.find_first_not_of(' ', colon + 1);
+  if (start == std::string::npos) Fail(kBadInput, path + ": malformed .npy header");
+  size_t end;
+  if (header[start] == '(') {
+    end = header.find(')', start);
+    if (end == std::string::npos) Fail(kBadInput, path + ": malformed shape in .npy header");
+    return header.substr(start, end - start + 1);
+  }
+  end = header.find_first_of(",}", start);
+  std::string value = header.substr(start, end - start);
+  while (!value.empty() && value.back() == ' ') value.pop_back();
+  return value;
+}
+
+std::vector<int64_t> ParseInts(const std::string& text, const std::string& path) {
+  std::vector<int64_t> out;
+  std::string digits;
+  for (char c : text + ",") {
+    if (c >= '0' && c <= '9') {
+      digits += c;
+    } else if (c == ',' || c == ')' || c == ']') {
+      if (!digits.empty()) out.push_back(std::stoll(digits));
+      digits.clear();
+    } else if (c != ' ' && c != '(' && c != '[' && c != 'L' && c != '\n') {
+      Fail(kBadInput, path + ": cannot read shape " + text);
+    }
+  }
+  return out;
+}
+
+Array ReadNpy(const std::string& path) {
+  std::string bytes = ReadFile(path, "input");
+  if (bytes.size() < 10 || bytes.compare(0, 6, "\x93NUMPY") != 0) {
+    Fail(kBadInput, path + " is not a .npy file (save the input with numpy.save)");
+  }
+  int major = static_cast<unsigned char>(bytes[6]);
+  size_t header_len, offset;
+  if (major == 1) {
+    header_len = static_cast<unsigned char>(bytes[8]) | (static_cast<unsigned char>(bytes[9]) << 8);
+    offset = 10;
+  } else if (major == 2 || major == 3) {
+    if (bytes.size() < 12) Fail(kBadInput, path + ": truncated .npy header");
+    header_len = 0;
+    for (int i = 0; i < 4; ++i) header_len |= size_t(static_cast<unsigned char>(bytes[8 + i])) << (8 * i);
+    offset = 12;
+  } else {
+    Fail(kBadInput, path + ": unsupported .npy version " + std::to_string(major));
+  }
+  if (bytes.size() < offset + header_len) Fail(kBadInput, path + ": truncated .npy header");
+  std::string header = bytes.substr(offset, header_len);
+  std::string descr = HeaderValue(header, "descr", path);
+  if (descr != "'<f4'" && descr != "'float32'") {
+    Fail(kBadInput, path + " holds dtype " + descr + ", the model takes float32 ('<f4'): save "
+                    "x.astype(numpy.float32)");
+  }
+  if (HeaderValue(header, "fortran_order", path) != "False") {
+    Fail(kBadInput, path + " is Fortran-ordered: save numpy.ascontiguousarray(x) (C order)");
+  }
+  Array a;
+  a.shape = ParseInts(HeaderValue(header, "shape", path), path);
+  size_t count = 1;
+  for (int64_t d : a.shape) count *= static_cast<size_t>(d);
+  size_t start = offset + header_len;
+  if (bytes.size() - start < count * sizeof(float)) {
+    Fail(kBadInput, path + " is truncated: shape " + ShapeText(a.shape) + " needs " +
+                        std::to_string(count * sizeof(float)) + " bytes of data, it has " +
+                        std::to_string(bytes.size() - start));
+  }
+  a.data.resize(count);
+  std::memcpy(a.data.data(), bytes.data() + start, count * sizeof(float));
+  return a;
+}
+
+void WriteNpy(const std::string& path, const std::vector<int64_t>& shape, const float* data) {
+  std::string dims;
+  for (int64_t d : shape) dims += std::to_string(d) + ", ";
+  if (shape.size() > 1) dims.erase(dims.size() - 2);  // "(2, 3)"; one dim keeps "(3,)"
+  else if (!shape.empty()) dims.erase(dims.size() - 1);
+  std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': (" + dims + "), }";
+  size_t total = 10 + header.size() + 1;
+  header.append((64 - total % 64) % 64, ' ');
+  header += '\n';
+  size_t count = 1;
+  for (int64_t d : shape) count *= static_cast<size_t>(d);
+  std::ofstream out(path, std::ios::binary);
+  if (!out) Fail(kBadInput, "cannot write output " + path);
+  uint16_t len = static_cast<uint16_t>(header.size());
+  out.write("\x93NUMPY\x01\x00", 8);
+  out.put(static_cast<char>(len & 0xFF));
+  out.put(static_cast<char>(len >> 8));
+  out << header;
+  out.write(reinterpret_cast<const char*>(data), static_cast<std::streamsize>(count * sizeof(float)));
+  if (!out) Fail(kBadInput, "cannot write output " + path);
+}
+
+// ----------------------------------------------------------------------- manifest
+
+// The first input's shape in MODEL.so.json: the few bytes of JSON this program needs.
+bool ManifestInputShape(const std::string& manifest_path, std::vector<int64_t>* shape) {
+  std::ifstream in(manifest_path, std::ios::binary);
+  if (!in) return false;
+  std::ostringstream s;
+  s << in.rdbuf();
+  std::string json = s.str();
+  size_t inputs = json.find("\"inputs\"");
+  size_t key = inputs == std::string::npos ? inputs : json.find("\"shape\"", inputs);
+  size_t open = key == std::string::npos ? key : json.find('[', key);
+  size_t close = open == std::string::npos ? open : json.find(']', open);
+  if (close == std::string::npos) Fail(kBadInput, manifest_path + " has no input shape: recompile");
+  *shape = ParseInts(json.substr(open, close - open + 1), manifest_path);
+  return true;
+}
+
+// ---------------------------------------------------------------------------- run
+
+ffi::Function Require(const ffi::Module& mod, const char* name, const std::string& path) {
+  ffi::Optional<ffi::Function> f = mod->GetFunction(name);
+  if (!f.has_value()) {
+    Fail(kBadInput, path + " has no " + name + ": it is not a model from `abc-tvm compile`");
+  }
+  return f.value();
+}
+
+std::string FirstLine(const std::string& text) {
+  size_t nl = text.find('\n');
+  return nl == std::string::npos ? text : text.substr(0, nl);
+}
+
+int Run(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  int repeat = 0;
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (args[i] == "--repeat") {
+      if (i + 1 >= args.size()) Fail(kBadInput, "--repeat needs a count");
+      repeat = std::atoi(args[i + 1].c_str());
+      if (repeat < 1) Fail(kBadInput, "--repeat needs a positive count, got " + args[i + 1]);
+      args.erase(args.begin() + i, args.begin() + i + 2);
+      --i;
+    } else if (args[i] == "-h" || args[i] == "--help") {
+      std::printf("usage: abc-run MODEL.so IN.npy OUT.npy [--repeat N]\n");
+      return 0;
+    }
+  }
+  if (args.size() != 3) Fail(kBadInput, "usage: abc-run MODEL.so IN.npy OUT.npy [--repeat N]");
+  const std::string& model = args[0];
+  CheckElf(model);
+  Array x = ReadNpy(args[1]);
+  std::vector<int64_t> expected;
+  if (ManifestInputShape(model + ".json", &expected) && expected != x.shape) {
+    Fail(kBadInput, args[1] + " has shape " + ShapeText(x.shape) + ", the model takes " +
+                        ShapeText(expected));
+  }
+
+  DLTensor input;
+  input.data = x.data.data();
+  input.device = DLDevice{kDLCPU, 0};
+  input.ndim = static_cast<int32_t>(x.shape.size());
+  input.dtype = DLDataType{kDLFloat, 32, 1};
+  input.shape = x.shape.data();
+  input.strides = nullptr;
+  input.byte_offset = 0;
+
+  // dlopen searches the library path for a name without '/': make it a path.
+  std::string model_path = model.find('/') == std::string::npos ? "./" + model : model;
+  try {
+    ffi::Module lib = ffi::Module::LoadFromFile(model_path);
+    ffi::Module vm = Require(lib, "vm_load_executable", model)().cast<ffi::Module>();
+    // CPU device 0 with the pooled allocator: what Python's relax.VirtualMachine passes.
+    Require(vm, "vm_initialization", model)(static_cast<int>(kDLCPU), 0, 2);
+    ffi::Function main_fn = Require(vm, "main", model);
+    ffi::Any result = main_fn(&input);
+    if (repeat > 0) {
+      double total = 0, best = 1e300;
+      for (int i = 0; i < repeat; ++i) {
+        auto t0 = std::chrono::steady_clock::now();
+        result = main_fn(&input);
+        double ms = std::chrono::duration<double, std::milli>(
+            std::chrono::steady_clock::now() - t0).count();
+        total += ms;
+        best = std::min(best, ms);
+      }
+      std::fprintf(stderr, "abc-run: %d runs: mean %.3f ms, min %.3f ms\n", repeat,
+                   total / repeat, best);
+    }
+    std::optional<ffi::Tensor> out = result.try_cast<ffi::Tensor>();
+    if (!out.has_value()) {
+      std::optional<ffi::Array<ffi::Any>> tuple = result.try_cast<ffi::Array<ffi::Any>>();
+      if (tuple.has_value() && !tuple->empty()) out = (*tuple)[0].try_cast<ffi::Tensor>();
+    }
+    if (!out.has_value()) Fail(kRunFailed, "the model returned no tensor");
+    DLDataType dt = out->dtype();
+    if (dt.code != kDLFloat || dt.bits != 32 || dt.lanes != 1) {
+      Fail(kRunFailed, "the model's output is not float32");
+    }
+    ffi::ShapeView shape = out->shape();
+    std::vector<int64_t> dims(shape.begin(), shape.end());
+    WriteNpy(args[2], dims, static_cast<const float*>(out->data_ptr()));
+  } catch (const ffi::Error& e) {
+    Fail(kRunFailed, "running " + model + ": " + e.kind() + ": " + FirstLine(e.message()));
+  } catch (const std::exception& e) {
+    Fail(kRunFailed, "running " + model + ": " + FirstLine(e.what()));
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) { return Run(argc, argv); }
