@@ -1,0 +1,104 @@
+"""`abc-tvm bench`: the smoke run writes its doc, plot and JSON with every peer; the popcount
+microbenchmark runs VPOPCNTQ (on a CPU that has it). Speed itself is never asserted here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from abc_tvm import bench
+from abc_tvm.bench_args import add_bench_arguments
+from abc_tvm.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_bench_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def _cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def test_popcount_peak_is_positive_and_uses_popcount_instructions():
+    peak = bench.load_benchmark("popcount_peak")
+    res = peak.measure_peak(threads=1, reps=64, repeat=2, min_repeat_ms=5)
+    assert res.gbitops_per_s > 0 and res.seconds_per_call > 0
+    assert res.popcount_insns, "no popcount instruction in the kernel's asm"
+    if "avx512_vpopcntdq" in _cpu_flags():
+        assert res.vpopcntq, res.popcount_insns
+
+
+def test_options_are_checked():
+    cfg = bench.config_from_args(_args("--quick"))
+    assert cfg.threads == [1] and cfg.models == [(1, 1)] and cfg.image_size == 32
+    cfg = bench.config_from_args(_args("--threads", "1,2", "--models", "1x1,3x3"))
+    assert cfg.threads == [1, 2] and cfg.topi_tuned == [(3, 3)] and cfg.trials == 64
+    for bad in (["--models", "3"], ["--threads", "0"], ["--parts", "gpu"],
+                ["--image-size", "16"], ["--trials", "0"]):
+        with pytest.raises(UserError):
+            bench.config_from_args(_args(*bad))
+
+
+def test_doc_section_replaces_x86_and_keeps_other_sections(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## ARM\n\narm text\n\n## Serving\n\nserving text\n")
+    bench.write_doc(doc, "## x86\n\nfirst\n")
+    bench.write_doc(doc, "## x86\n\nsecond\n")
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\n## x86\n\nsecond\n")
+    assert "first" not in text and text.count("## x86") == 1
+    assert "arm text" in text and "serving text" in text
+    assert text.index("## x86") < text.index("## ARM") < text.index("## Serving")
+    new = tmp_path / "new.md"
+    bench.write_doc(new, "## x86\n\nonly\n")
+    assert new.read_text() == "# Benchmarks\n\n## x86\n\nonly\n"
+
+
+def test_quick_bench_writes_doc_plot_and_json_with_every_peer(tmp_path):
+    doc, plot = tmp_path / "benchmarks.md", tmp_path / "p.png"
+    doc.write_text("# Benchmarks\n\n## Serving\n\nkeep me\n")
+    cmd = [sys.executable, "-m", "abc_tvm.bench", "--quick", "--work-dir", str(tmp_path / "w"),
+           "--doc", str(doc), "--plot", str(plot), "--no-progress"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Whole models, 1 thread(s)" in proc.stdout
+
+    results = json.loads((tmp_path / "w" / "results.json").read_text())
+    assert json.loads(plot.with_suffix(".json").read_text()) == results
+    assert results["errors"] == []
+    run = results["runs"]["1"]
+    assert run["peak"]["gbitops_per_s"] > 0
+    for peer in ("ort", "torch", "tvm_fp32", "abc1x1"):
+        entry = run["models"][peer]
+        assert entry["best_ms"] > 0 and entry["median_ms"] >= entry["best_ms"], (peer, entry)
+        assert entry["check_rel_err"] < 1e-3 and entry["top1_match"], (peer, entry)
+    assert run["models"]["abc1x1"]["ort_rel_err"] < 1e-3  # the yardstick was computed
+    layers = run["layers"]
+    assert layers and all(r["abc"]["best_ms"] > 0 and r["abc"]["pct_peak"] > 0 for r in layers)
+    topi = [r for r in layers if r["layer"]["channels"] % 64 == 0]
+    assert topi, "the quick model has no layer TOPI can pack"
+    for r in topi:
+        for key in ("topi_untuned", "topi_tuned"):
+            assert r[key]["best_ms"] > 0, (key, r[key])
+        assert r["topi_tuned"]["matches_untuned"]
+
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\n## x86\n")
+    assert "keep me" in text and text.index("## x86") < text.index("## Serving")
+    for needle in ("python -m abc_tvm.bench --quick", "ONNX Runtime fp32", "PyTorch eager fp32",
+                   "TVM fp32", "abc-tvm ABC-ResNet-20 M=1 N=1", "TOPI tuned", "% of peak",
+                   "Popcount peak", results["meta"]["machine"]["cpu"]):
+        assert needle in text, needle
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
