@@ -1353,6 +1353,10 @@ def report(results: dict, cfg: Config) -> str:
 
 def bench_from_args(args: argparse.Namespace) -> dict:
     """`abc-tvm bench`: collect, print, write doc/plot/JSON. Returns the results."""
+    if getattr(args, "rpc_tracker", None):
+        from abc_tvm.bench_remote import bench_remote_from_args
+
+        return {"remote": bench_remote_from_args(args)}
     cfg = config_from_args(args)
     results = collect(cfg)
     print(report(results, cfg))

@@ -38,3 +38,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: ABC-ResNet-20 at 32x32, 1 thread, 2 trials, light search")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    remote = p.add_argument_group(
+        "on a board over TVM RPC (abc-tvm models and TVM's float twin, compiled here, timed "
+        "there, checked against ONNX Runtime here)")
+    remote.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT",
+                        help="time on the device behind this TVM RPC tracker instead of here")
+    remote.add_argument("--rpc-key", default=None, help="device key registered at the tracker")
+    remote.add_argument("--target", default="arm",
+                        help="target to compile for with --rpc-tracker (default: arm)")

@@ -33,14 +33,15 @@ import numpy as np
 import tvm
 from tvm.runtime.vm import VirtualMachine
 
+from abc_tvm import targets
 from abc_tvm.errors import UserError
 
 # Same value as abc_tvm.compiler.MANIFEST_SUFFIX; not imported from there because the
 # compiler pulls in ONNX and the Relax frontend, which a board need not have.
 MANIFEST_SUFFIX = ".json"
 
-# Which host machines can run a module compiled for each abc-tvm target name.
-_HOST_MACHINES = {"x86": ("x86_64", "amd64"), "arm": ("aarch64", "arm64")}
+# platform.machine() spellings of the architectures targets.arch_of names.
+_MACHINE_ALIASES = {"amd64": "x86_64", "arm64": "aarch64", "armv7l": "armv7"}
 
 
 @dataclass(frozen=True)
@@ -119,12 +120,15 @@ class CompiledModel:
                 raise UserError(f"{path} was compiled for CUDA but this machine has no CUDA GPU")
             return dev
         machine = platform.machine().lower()
-        if self.target in _HOST_MACHINES and machine not in _HOST_MACHINES[self.target]:
-            if self.target == "arm":
-                raise UserError(f"{path} was compiled for aarch64 (--target arm); run it on the "
-                                "board, or compile with --target x86 to run it here")
-            raise UserError(f"{path} was compiled for {self.target} and cannot run on this "
-                            f"{machine} host: compile it with --target arm")
+        machine = _MACHINE_ALIASES.get(machine, machine)
+        tvm_target = str(self.manifest["target"].get("tvm", ""))
+        wanted = "x86_64" if self.target == "x86" else targets.arch_of(self.target, tvm_target)
+        if wanted != machine:
+            hint = ("run it on the board (see `abc-tvm compile --bundle`), or compile with "
+                    "--target x86 to run it here" if machine == "x86_64"
+                    else "compile it for this machine's target (e.g. --target arm)")
+            raise UserError(f"{path} was compiled for {wanted} (--target {self.target}) and "
+                            f"cannot run on this {machine} host: {hint}")
         return tvm.cpu(0)
 
     def _new_vm(self) -> VirtualMachine:

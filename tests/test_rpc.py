@@ -103,3 +103,23 @@ def test_builder_for_cross_target_links_aarch64():
     with open(result.artifact_path, "rb") as f:
         head = f.read(20)
     assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183
+
+
+def test_bench_over_rpc_times_models_on_the_device(loopback, tmp_path, capsys):
+    """`abc-tvm bench --rpc-tracker`: the float twin and an ABC model run on the RPC device;
+    their outputs there agree with ONNX Runtime here."""
+    from abc_tvm.cli import main
+
+    rc = main(["bench", "--quick", "--models", "1x1", "--repeat", "2", "--target", "x86",
+               "--work-dir", str(tmp_path), "--rpc-tracker", loopback.tracker,
+               "--rpc-key", loopback.key, "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    rows = [line.split() for line in out.splitlines()
+            if line.strip().startswith(("TVM fp32", "abc-tvm M"))]
+    assert [r[0] for r in rows] == ["TVM", "abc-tvm"], out
+    for r in rows:
+        assert float(r[-1]) <= 1e-4 and float(r[-4]) > 0, out  # rel. err, best ms
+    assert main(["bench", "--rpc-tracker", loopback.tracker, "--rpc-key", "nope",
+                 "--target", "x86", "--work-dir", str(tmp_path)]) == 2
+    assert "no server with key 'nope'" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 import threading
 from pathlib import Path
@@ -122,12 +123,15 @@ def test_manifest_problems_are_refused(tiny, tmp_path):
         load(nometa)
 
 
-def test_arm_module_is_refused_on_x86_host(tiny, tmp_path):
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="checks refusal on an x86_64 host")
+@pytest.mark.parametrize(("target", "arch"), [("arm", "aarch64"), ("rpi4", "aarch64"),
+                                              ("jetson-orin", "aarch64"), ("armv7", "armv7")])
+def test_arm_module_is_refused_on_x86_host(tiny, tmp_path, target, arch):
     arm = copy_module(tiny[1], tmp_path / "arm.so")
     manifest = json.loads(Path(str(arm) + ".json").read_text())
-    manifest["target"]["name"] = "arm"
+    manifest["target"]["name"] = target
     Path(str(arm) + ".json").write_text(json.dumps(manifest))
-    with pytest.raises(UserError, match="aarch64"):
+    with pytest.raises(UserError, match=f"compiled for {arch} .*--target {target}.*x86_64 host"):
         load(arm)
 
 
