@@ -92,6 +92,10 @@ def _run(args: argparse.Namespace) -> None:
               f"mean {y.mean():.6g}; argmax per batch item {flat.argmax(1).tolist()}")
 
 
+_TARGET_HELP = ("x86 (this CPU) | arm (any aarch64 with NEON) | rpi4 | rpi5 | jetson-nano | "
+                "jetson-orin | armv7 (32-bit NEON, compile only) | cuda (default: x86)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="abc-tvm",
@@ -114,7 +118,7 @@ def parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", help="compile an ONNX ABC model to a shared library")
     c.add_argument("model", type=Path)
-    c.add_argument("--target", default="x86", help="x86 | arm | cuda")
+    c.add_argument("--target", default="x86", help=_TARGET_HELP)
     c.add_argument("-o", "--output", required=True, type=Path)
     c.add_argument("--report", type=Path, default=None, help="write the JSON report here")
     c.add_argument("--bundle", type=Path, default=None,
@@ -140,12 +144,9 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_run)
 
     b = sub.add_parser("bench", help="benchmark abc-tvm against its float and binary peers")
-    try:  # TEMP until bench_args lands
-        from abc_tvm.bench_args import add_bench_arguments
+    from abc_tvm.bench_args import add_bench_arguments
 
-        add_bench_arguments(b)
-    except ModuleNotFoundError:
-        pass
+    add_bench_arguments(b)
     b.set_defaults(func=_bench)
 
     s = sub.add_parser("serve", help="serve compiled models over the Open Inference Protocol")
