@@ -74,8 +74,19 @@ def pipeline(spec: targets.TargetSpec, database=None,
     t = spec.target
     tuned = [apply_database_pass(database), _fallback_pass(fallback or {})] if database else []
     return tvm.transform.Sequential(
-        cpu.library_dispatch_passes(t) + cpu.legalize_passes(t) + tuned + [default_cpu_schedule]
+        legalize_passes(spec) + tuned + [default_cpu_schedule]
         + cpu.dataflow_lower_passes(t) + cpu.finalize_passes(t))
+
+
+def legalize_passes(spec: targets.TargetSpec) -> list[tvm.transform.Pass]:
+    """Relax ops -> fused PrimFuncs: the functions a tuning database is keyed on.
+
+    `abc-tvm tune` extracts its tasks after exactly these passes, so that the workloads it
+    records are the ones `compile` looks up (same passes, same structural hash).
+    """
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    return cpu.library_dispatch_passes(spec.target) + cpu.legalize_passes(spec.target)
 
 
 def _fallback_pass(fallback: dict[str, tvm.tirx.PrimFunc]) -> tvm.transform.Pass:
@@ -170,8 +181,10 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
         scheduled, _, _ = rewrite(mod, spec.target, spec.word_bits)
         fallback = {gv.name_hint: f for gv, f in scheduled.functions.items()
                     if isinstance(f, tvm.tirx.PrimFunc)}
-    tunable = {"tunable": True} if database is not None else {}  # TEMP until rewrite has it
-    mod, rewritten, misses = rewrite(mod, spec.target, spec.word_bits, **tunable)
+    # With a database the kernels go in unscheduled, as `tune` extracted them, so that its
+    # records match; those it has none for get `fallback`, the hand-written schedule.
+    mod, rewritten, misses = rewrite(mod, spec.target, spec.word_bits,
+                                     tunable=database is not None)
     report = _report(proto, model_name, spec, onnx_match, rewritten, misses)
     report.tuning = [str(p) for p in find_databases(tuning_log)] if database else []
     if not rewritten:

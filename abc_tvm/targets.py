@@ -8,6 +8,7 @@ pipeline. Every ARM preset needs a cross compiler to link the .so (it cannot run
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 from dataclasses import dataclass
@@ -79,8 +80,10 @@ NAMES = ("x86", *ARM_PRESETS, "cuda")
 
 
 def host_target() -> tvm.target.Target:
-    """The LLVM target of this machine, with its CPU model (so AVX-512 VPOPCNTDQ is used)."""
-    return tvm.target.Target.from_device("cpu")
+    """The LLVM target of this machine, with its CPU model (so AVX-512 VPOPCNTDQ is used)
+    and the cores this process may use (MetaSchedule needs `num-cores` to tune for it)."""
+    host = tvm.target.Target.from_device("cpu")
+    return tvm.target.Target({**host.export(), "num-cores": len(os.sched_getaffinity(0))})
 
 
 def arch_of(name: str, tvm_target: str | None = None) -> str:

@@ -74,7 +74,7 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
             self.best[task_id] = min(self.best.get(task_id, np.inf), min(times))
         est = sum(self.weights[t] * s for t, s in self.best.items()) * 1e3
         self.bar.set_postfix_str(f"tasks tuned {len(self.best)}/{len(self.weights)}, "
-                                 f"est. latency of tuned tasks {est:.2f} ms")
+                                 f"their calls per inference take {est:.3f} ms")
         self.bar.update(len(runner_results))
 
 
@@ -87,10 +87,14 @@ class TuneResult:
 
 
 def extract(model: str | os.PathLike, spec: targets.TargetSpec) -> list:
-    """The tuning tasks of a model: its rewritten Relax module's fused PrimFuncs."""
+    """The tuning tasks of a model: every PrimFunc of its rewritten, legalized Relax module
+    (the ABC kernels and the float ops), exactly as `compile` will look them up."""
+    from abc_tvm.compiler import legalize_passes
+
     proto = frontend.load(model)
-    mod, rewritten, _ = rewrite(frontend.to_relax(proto), spec.target, spec.word_bits,
-                                tunable=True)
+    mod, _, _ = rewrite(frontend.to_relax(proto), spec.target, spec.word_bits, tunable=True)
+    with spec.target, tvm.transform.PassContext(opt_level=3):
+        mod = tvm.transform.Sequential(legalize_passes(spec))(mod)
     return ms.relax_integration.extract_tasks(mod, spec.target)
 
 
@@ -114,10 +118,9 @@ def tune_model(model: str | os.PathLike, target: str, trials: int, log_dir: str 
         extracted, str(log_dir), num_threads="physical")
     if not contexts:
         raise UserError("the model has no tunable task")
-    total_w = sum(weights)
     with tqdm(total=remaining, desc=f"tuning {len(contexts)} tasks", unit="trial",
               disable=quiet) as bar:
-        progress = _Progress(bar, [w / total_w for w in weights])
+        progress = _Progress(bar, [float(w) for w in weights])
         ms.tune.tune_tasks(
             tasks=contexts, task_weights=weights, work_dir=str(log_dir),
             max_trials_global=remaining,

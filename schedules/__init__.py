@@ -179,7 +179,11 @@ def _conv_func(
     func = te.create_prim_func(args)
     name = _conv_name("abc_conv" if fused else "abc_dot", geo, bipolar)
     if not scheduled:
-        return _finish(_tunable(func, compute.CONV), name, scheduled=False)
+        # A target may tune its own compute (NEON's uint16 lanes); else the generic one.
+        own = getattr(_schedules(target), "unscheduled_conv", lambda *_: None)
+        special = own(geo, bipolar, fused)
+        tunable = special if special is not None else _tunable(func, compute.CONV)
+        return _finish(tunable, name, scheduled=False)
     func = _schedules(target).schedule_conv(func, geo, fused=fused)
     return _finish(func, name)
 

@@ -364,16 +364,12 @@ def _rule(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> list[s_tir.Schedule]:
     return designs
 
 
-def unscheduled_conv(geo: C.ConvGeometry, bipolar: bool, fused: bool) -> tirx.PrimFunc:
-    """What `abc-tvm tune` should hand MetaSchedule for an ARM target.
-
-    The NEON compute where it applies (its `abc_conv2d` rule then tries every `configs`
-    tile), else the generic compute of `compute.py`.
-    """
-    if supported(geo):
-        return neon_conv_func(geo, bipolar, fused)
-    tensors = C.abc_conv(geo, bipolar=bipolar, fused=fused)
-    return te.create_prim_func(tensors.conv_args if fused else tensors.dot_args)
+def unscheduled_conv(geo: C.ConvGeometry, bipolar: bool,
+                     fused: bool) -> tirx.PrimFunc | None:
+    """What `abc-tvm tune` hands MetaSchedule for an ARM target: the NEON compute, whose
+    `abc_conv2d` rule then tries every `configs` tile; None where NEON does not apply (the
+    generic compute of `compute.py` is tuned then)."""
+    return neon_conv_func(geo, bipolar, fused) if supported(geo) else None
 
 
 _RULE_NAME = f"s_tir.meta_schedule.arm_cpu.{C.SCHEDULE_RULE}"

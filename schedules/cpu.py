@@ -427,32 +427,42 @@ def _draw(sch: s_tir.Schedule, candidates: list[int]) -> s_tir.schedule.ExprRV:
 def conv_rule(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> list[s_tir.Schedule]:
     """`s_tir.meta_schedule.cpu.abc_conv2d`: the hand-written schedule, knobs drawn.
 
+    Two design spaces: the knobs drawn, and the hand-written defaults fixed, so the untuned
+    schedule is always among the first candidates measured and a tuned database can only
+    be slower than the default by measurement noise.
     Serves both conv kernels: the fused block kernel (`abc_block_spec` annotation) and the
     plain ABC conv / dot (`abc_conv_geometry`).
     """
     annotations = sch.get(block).annotations
+    fixed = sch.copy()
     if C.BLOCK_KEY in annotations:
         spec = C.BlockSpec.from_json(str(annotations[C.BLOCK_KEY]))
-        knobs = BlockKnobs(**{k: _draw(sch, v) for k, v in block_candidates(spec).items()})
-        apply_block(sch, spec, knobs)
-        return [sch]
+        apply_block(sch, spec, BlockKnobs(**{k: _draw(sch, v)
+                                             for k, v in block_candidates(spec).items()}))
+        apply_block(fixed, spec, default_block_knobs(spec))
+        return [sch, fixed]
     geo = C.ConvGeometry.from_json(str(annotations[C.GEOMETRY_KEY]))
     fused = has_block(sch, C.EPILOGUE)
-    knobs = ConvKnobs(**{k: _draw(sch, v) for k, v in conv_candidates(geo).items()})
-    apply_conv(sch, geo, fused, knobs)
-    return [sch]
+    apply_conv(sch, geo, fused, ConvKnobs(**{k: _draw(sch, v)
+                                             for k, v in conv_candidates(geo).items()}))
+    apply_conv(fixed, geo, fused, default_conv_knobs(geo))
+    return [sch, fixed]
 
 
 def bitpack_rule(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> list[s_tir.Schedule]:
-    """`s_tir.meta_schedule.cpu.abc_bitpack`: the bit-pack schedule, its knob drawn."""
+    """`s_tir.meta_schedule.cpu.abc_bitpack`: the bit-pack schedule, its knob drawn, and the
+    default (as in `conv_rule`)."""
+    fixed = sch.copy()
     if C.PACK_KEY in sch.get(block).annotations:  # from NHWC floats: rows per parallel task
         height = int(sch.get(sch.get_loops(block)[2]).extent)
         rows = [r for r in (1, 2, 4, 8) if height % r == 0]
         apply_bitpack_nhwc(sch, _draw(sch, rows))
-        return [sch]
-    width = int(sch.get(sch.get_loops(block)[3]).extent)
-    apply_bitpack(sch, _draw(sch, bitpack_candidates(width)))
-    return [sch]
+        apply_bitpack_nhwc(fixed, rows[0])
+        return [sch, fixed]
+    candidates = bitpack_candidates(int(sch.get(sch.get_loops(block)[3]).extent))
+    apply_bitpack(sch, _draw(sch, candidates))
+    apply_bitpack(fixed, candidates[0])
+    return [sch, fixed]
 
 
 RULES = {C.SCHEDULE_RULE: conv_rule, C.BITPACK_RULE: bitpack_rule}

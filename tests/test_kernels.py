@@ -391,9 +391,11 @@ def _tuned_variants(func: tvm.tirx.PrimFunc, seeds: range,
     mod = tvm.IRModule({"main": func})
     ctx = ms.TuneContext(mod=mod, target=TUNE_HOST, space_generator="post-order-apply",
                          task_name="abc", num_threads=1)
-    (space,) = ctx.generate_design_space()
+    space, fixed = ctx.generate_design_space()
     draws = [d for i, d in space.trace.decisions.items() if i.kind.name == "SampleCategorical"]
     assert draws, "the rule sampled no knob"
+    # The second design is the hand-written default, knobs fixed: always a candidate.
+    assert not [i for i in fixed.trace.insts if i.kind.name == "SampleCategorical"]
     mods, seen = [], set()
     for seed in seeds:
         sch = s_tir.Schedule(mod, seed=seed)
