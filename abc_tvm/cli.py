@@ -53,13 +53,9 @@ def _compile(args: argparse.Namespace) -> None:
 def _tune(args: argparse.Namespace) -> None:
     from abc_tvm.tuning import tune_model
 
-    runner = "local"
-    if args.rpc_tracker:
-        from abc_tvm.rpc import rpc_runner
-
-        runner = rpc_runner(args.rpc_tracker, args.rpc_key)
     log = args.log or args.model.with_name(f"{args.model.stem}.tuning-{args.target}")
-    tune_model(args.model, args.target, args.trials, log, runner=runner)
+    tune_model(args.model, args.target, args.trials, log, rpc_tracker=args.rpc_tracker,
+               rpc_key=args.rpc_key)
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -129,7 +125,9 @@ def parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tune", help="tune a model's kernels with MetaSchedule (XGBoost)")
     t.add_argument("model", type=Path)
-    t.add_argument("--target", default="x86", help="x86 | arm")
+    t.add_argument("--target", default="x86",
+                   help="x86 (measured here) | arm or a board preset (measured on the board: "
+                        "needs --rpc-tracker)")
     t.add_argument("--trials", type=int, required=True, help="total trials (a rerun resumes)")
     t.add_argument("--log", type=Path, default=None,
                    help="database directory (default: MODEL.tuning-TARGET beside the model)")

@@ -99,12 +99,26 @@ def extract(model: str | os.PathLike, spec: targets.TargetSpec) -> list:
 
 
 def tune_model(model: str | os.PathLike, target: str, trials: int, log_dir: str | os.PathLike,
-               runner: ms.runner.Runner | str = "local", trials_per_iter: int = 16,
-               quiet: bool = False) -> TuneResult:
-    """Tune `model` for `target` until `log_dir` holds `trials` measured trials in all."""
+               rpc_tracker: str | None = None, rpc_key: str | None = None,
+               trials_per_iter: int = 16, quiet: bool = False) -> TuneResult:
+    """Tune `model` for `target` until `log_dir` holds `trials` measured trials in all.
+
+    Candidates run here, or with `rpc_tracker` on the boards registered under `rpc_key`
+    (built here, cross-linked for the board).
+    """
     if trials < 1:
         raise UserError(f"--trials must be at least 1 (got {trials})")
     spec = targets.resolve(target)
+    builder: ms.builder.Builder | str = "local"
+    runner: ms.runner.Runner | str = "local"
+    if rpc_tracker:
+        from abc_tvm import rpc
+
+        runner = rpc.rpc_runner(rpc_tracker, rpc_key or "")
+        builder = rpc.builder_for(spec)
+    elif not spec.runs_on_host:
+        raise UserError(f"--target {target} builds for {spec.arch}, which cannot run here: tune "
+                        "on the board with --rpc-tracker HOST:PORT --rpc-key KEY")
     log_dir = Path(log_dir)
     database = open_database(log_dir)
     before = len(database)
@@ -125,7 +139,7 @@ def tune_model(model: str | os.PathLike, target: str, trials: int, log_dir: str 
             tasks=contexts, task_weights=weights, work_dir=str(log_dir),
             max_trials_global=remaining,
             num_trials_per_iter=min(trials_per_iter, remaining),
-            builder="local", runner=runner, database=database, cost_model="xgb",
+            builder=builder, runner=runner, database=database, cost_model="xgb",
             measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
                                progress],
         )

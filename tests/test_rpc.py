@@ -123,3 +123,27 @@ def test_bench_over_rpc_times_models_on_the_device(loopback, tmp_path, capsys):
     assert main(["bench", "--rpc-tracker", loopback.tracker, "--rpc-key", "nope",
                  "--target", "x86", "--work-dir", str(tmp_path)]) == 2
     assert "no server with key 'nope'" in capsys.readouterr().err
+
+
+def test_tune_cli_over_rpc_and_cross_target_needs_a_tracker(loopback, tmp_path, capsys):
+    """`abc-tvm tune --rpc-tracker`: every candidate measured on the RPC device; a board
+    target without a tracker is refused (its candidates cannot run here)."""
+    import onnx
+    import onnx_builders as ob
+
+    from abc_tvm.cli import main
+    from abc_tvm.tuning import open_database
+
+    model, _ = ob.canonical(batch=1, in_channels=16, out_channels=16, height=8, width=8)
+    path = tmp_path / "tiny.onnx"
+    onnx.save(model, path)
+    log = tmp_path / "log"
+    assert main(["tune", str(path), "--trials", "2", "--log", str(log),
+                 "--rpc-tracker", loopback.tracker, "--rpc-key", loopback.key]) == 0
+    records = open_database(log).get_all_tuning_records()
+    assert len(records) >= 2  # measured, not failed (a failed run records 1e10 s)
+    assert all(0 < float(min(r.run_secs)) < 1.0 for r in records)
+    capsys.readouterr()
+    assert main(["tune", str(path), "--target", "rpi4", "--trials", "2",
+                 "--log", str(tmp_path / "arm")]) == 2
+    assert "tune on the board with --rpc-tracker" in capsys.readouterr().err
