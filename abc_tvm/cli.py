@@ -24,10 +24,13 @@ def _zoo(args: argparse.Namespace) -> None:
     if args.name not in ZOO:
         raise UserError(f"unknown model {args.name!r}: choose one of {', '.join(ZOO)}")
     build, default_size = ZOO[args.name]
-    size = args.image_size or default_size
+    size = default_size if args.image_size is None else args.image_size
     if size < 8:
         raise UserError(f"--image-size must be at least 8 (got {size})")
-    kwargs = {"num_classes": args.num_classes} if args.num_classes else {}
+    for flag, value in (("--num-classes", args.num_classes), ("--batch", args.batch)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1 (got {value})")
+    kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
     model = build(args.M, args.N, seed=args.seed, act=args.act, channelwise=args.channelwise,
                   **kwargs)
     example = torch.rand(args.batch, 3, size, size, generator=torch.Generator().manual_seed(0))

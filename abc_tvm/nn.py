@@ -85,6 +85,7 @@ class _ABCBase(nn.Module):
         self.shift = nn.Parameter(shifts)  # v_n
         self.beta = nn.Parameter(torch.full((N,), 1.0 / N))  # β_n
         self._frozen: FrozenABC | None = None
+        self._frozen_at: tuple[int, ...] = ()
 
     # -- weights ---------------------------------------------------------------------------
     def bases_and_alpha(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,8 +113,15 @@ class _ABCBase(nn.Module):
     # -- eval mode: frozen constants ---------------------------------------------------------
     def train(self, mode: bool = True):  # noqa: D102 - torch API
         super().train(mode)
-        self._frozen = None if mode else self.freeze()
+        self._frozen = None
+        if not mode:
+            self.frozen()  # snapshot now, outside any trace (export traces the eval forward)
         return self
+
+    def _versions(self) -> tuple[int, ...]:
+        """In-place change counters of the parameters (load_state_dict and optimiser steps
+        bump them), so the eval-mode snapshot is retaken whenever a parameter changed."""
+        return tuple(p._version for p in (self.weight, self.shift, self.beta))
 
     def freeze(self) -> FrozenABC:
         """Snapshot bases, α, v and β as float32 constants for eval and export."""
@@ -123,8 +131,12 @@ class _ABCBase(nn.Module):
         return FrozenABC(bases.float(), alpha.float().contiguous(), f32, b32)
 
     def frozen(self) -> FrozenABC:
-        """The frozen constants (computing them if the module is in train mode)."""
-        return self._frozen if self._frozen is not None else self.freeze()
+        """The frozen constants: cached in eval mode until a parameter changes."""
+        if self.training:
+            return self.freeze()
+        if self._frozen is None or self._frozen_at != self._versions():
+            self._frozen, self._frozen_at = self.freeze(), self._versions()
+        return self._frozen
 
     def _eval_planes(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The N activation planes exactly as the canonical ONNX pattern writes them."""

@@ -256,30 +256,69 @@ def _reconstructs(w: np.ndarray, bases: np.ndarray, alpha: np.ndarray) -> bool:
                 or np.array_equal(acc, w))
 
 
-def decompose_folded(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Exact M-basis decomposition of one folded (O, I, kh, kw) weight, or None.
+def _signed_sums(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Greedy decomposition W = Σ_m α_m B_m with the largest α first, or None.
 
-    Tries one α set for the whole layer, then one per output channel (channels with fewer
-    levels get α = 0 for the extra bases). Accepted only if the float32 reconstruction is
-    bit-exact.
+    Values of the form ±α_1 ± … ± α_M (the product of an ABC layer folded into one
+    constant) have magnitudes whose extremes straddle the largest α_1, so α_1 = (max|W| +
+    min|W|)/2, B_1 = sign(W), and the residual W − α_1·B_1 has the same form with M − 1
+    bases: M bases come back where the thermometer decomposition needs up to 2^M − 1.
     """
-    w = w.astype(np.float32)
-    O = w.shape[0]
-    layer = _levels(w)
-    if layer is not None:
-        bases, alpha = layer
-        alpha_oc = np.repeat(alpha[:, None], O, axis=1)
-        if _reconstructs(w, bases, alpha_oc):
-            return bases, alpha_oc
-    per = [_levels(w[o]) for o in range(O)]
+    r = w.astype(np.float64)
+    bases, alpha = [], []
+    while np.abs(r).max() > 0:
+        if len(alpha) == MAX_BASES:
+            return None
+        mag = np.abs(r)
+        a = (float(mag.max()) + float(mag.min())) / 2
+        b = np.where(r >= 0, 1.0, -1.0)
+        bases.append(b)
+        alpha.append(a)
+        r = r - a * b
+    if not alpha:
+        return None
+    return np.stack(bases).astype(np.float32), np.asarray(alpha, np.float32)
+
+
+def _per_channel(w: np.ndarray, split) -> tuple[np.ndarray, np.ndarray] | None:
+    """`split` applied to each output channel; channels with fewer bases get α = 0."""
+    per = [split(w[o]) for o in range(w.shape[0])]
     if any(p is None for p in per):
         return None
-    M = max(p[1].shape[0] for p in per)
+    M = max(p[1].shape[0] for p in per)  # noqa: N806
+    if M > MAX_BASES:
+        return None
     bases = np.ones((M, *w.shape), np.float32)
-    alpha = np.zeros((M, O), np.float32)
+    alpha = np.zeros((M, w.shape[0]), np.float32)
     for o, (b, a) in enumerate(per):
         bases[: b.shape[0], o], alpha[: a.shape[0], o] = b, a
-    return (bases, alpha) if _reconstructs(w, bases, alpha) else None
+    return bases, alpha
+
+
+def _layer_wise(w: np.ndarray, split) -> tuple[np.ndarray, np.ndarray] | None:
+    """`split` applied to the whole weight: one α set, repeated over output channels."""
+    got = split(w)
+    if got is None:
+        return None
+    return got[0], np.repeat(got[1][:, None], w.shape[0], axis=1)
+
+
+def decompose_folded(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Exact decomposition of one folded (O, I, kh, kw) weight into the fewest bases, or None.
+
+    Candidates: the greedy signed-sum and the thermometer decompositions, each with one α
+    set for the layer or one per output channel. Only those whose float32 reconstruction
+    Σ α_m B_m is bit-exact count; the one with the fewest bases (less binary work) wins,
+    layer-wise α on a tie.
+    """
+    w = w.astype(np.float32)
+    found = []
+    for split in (_signed_sums, _levels):
+        for scope in (_layer_wise, _per_channel):
+            got = scope(w, split)
+            if got is not None and got[0].shape[0] <= MAX_BASES and _reconstructs(w, *got):
+                found.append(got)
+    return min(found, key=lambda c: c[0].shape[0]) if found else None
 
 
 def _split_stacked(s: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -292,6 +331,25 @@ def _split_stacked(s: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     alpha = mag[..., 0].astype(np.float32)
     bases = np.where(s >= 0, 1.0, -1.0).astype(np.float32)
     return bases, alpha
+
+
+def _mul_operands(g: Graph, mul: Op,
+                  shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Mul(α, B) as the graph writes it: the ±1 operand is B, the other α ([M|1, O|1, 1, 1,
+    1] after broadcasting). Reading them, rather than splitting the product, keeps the
+    graph's own bases where an α_m is negative."""
+    consts = [g.const(i) for i in mul.inputs]
+    if len(consts) != 2 or any(c is None for c in consts):
+        return None
+    M, O = shape[:2]  # noqa: N806
+    for b, a in (consts, consts[::-1]):
+        if b.shape != tuple(shape) or not np.all(np.abs(b) == 1) or a.ndim > 5:
+            continue
+        a5 = a.reshape((1,) * (5 - a.ndim) + a.shape)
+        if a5.shape[0] in (1, M) and a5.shape[1] in (1, O) and all(d == 1 for d in a5.shape[2:]):
+            alpha = np.broadcast_to(a5[:, :, 0, 0, 0], (M, O)).astype(np.float32)
+            return b.astype(np.float32), np.ascontiguousarray(alpha)
+    return None
 
 
 def _weights(g: Graph, w: str) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
@@ -312,10 +370,10 @@ def _weights(g: Graph, w: str) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
                 bad = big[np.abs(big) != 1].reshape(-1)[:3].tolist()
                 raise _NoMatch(f"ABC bases must be exactly ±1, found values such as {bad}",
                                error=True)
-        split = _split_stacked(s)
+        is_mul = mul is not None and mul.op == "Mul"
+        split = (_mul_operands(g, mul, s.shape) if is_mul else None) or _split_stacked(s)
         if split is None:
             raise _NoMatch("stacked weight slices are not α_m·(±1) bases (or M > 8)")
-        is_mul = mul is not None and mul.op == "Mul"
         ops = [op.name] + ([mul.name] if is_mul else [])
         return split[0], split[1], "stacked" if is_mul else "folded-stacked", ops
     c = g.const(w)

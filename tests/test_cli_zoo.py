@@ -60,22 +60,14 @@ def _assert_clean_failure(r: subprocess.CompletedProcess, out: Path) -> None:
     assert not out.exists()
 
 
-BUG_ZERO_IS_DEFAULT = pytest.mark.xfail(strict=True, reason=(
-    "cli._zoo uses `args.image_size or default` / `if args.num_classes`, so 0 silently "
-    "means the default, and nothing checks --batch or --num-classes ≥ 1: negative values "
-    "end in a torch RuntimeError traceback (exit 1), 0 writes a model anyway"))
-
-
 @pytest.mark.parametrize("args,message", [
     (["abc_resnet20", "-M", "9"], "M must be an integer from 1 to 8"),
     (["abc_resnet20", "-N", "0"], "N must be an integer from 1 to 8"),
     (["abc_resnet99"], "unknown model 'abc_resnet99'"),
     (["abc_resnet20", "--image-size", "2"], "--image-size must be at least 8"),
-    pytest.param(["abc_resnet20", "--image-size", "0"], "--image-size",
-                 marks=BUG_ZERO_IS_DEFAULT),
-    pytest.param(["abc_resnet20", "--num-classes", "-1"], "--num-classes",
-                 marks=BUG_ZERO_IS_DEFAULT),
-    pytest.param(["abc_resnet20", "--batch", "0"], "--batch", marks=BUG_ZERO_IS_DEFAULT),
+    (["abc_resnet20", "--image-size", "0"], "--image-size must be at least 8"),
+    (["abc_resnet20", "--num-classes", "-1"], "--num-classes must be at least 1"),
+    (["abc_resnet20", "--batch", "0"], "--batch must be at least 1"),
 ], ids=["M9", "N0", "unknown-model", "image-size-2", "image-size-0", "num-classes--1",
         "batch-0"])
 def test_zoo_bad_input_is_one_line_exit_2(args, message, tmp_path):

@@ -60,15 +60,8 @@ def _check_block(block: pattern.ABCBlock, layer: ABCConv2d) -> None:
     np.testing.assert_array_equal(block.shift, r["shift"])
     np.testing.assert_array_equal(block.beta, r["beta"])
     alpha = np.broadcast_to(r["alpha"].reshape(layer.M, -1), block.alpha.shape)
-    sign = np.sign(alpha).reshape(*alpha.shape, 1, 1, 1)
-    if np.all(alpha > 0):
-        np.testing.assert_array_equal(block.bases, r["bases"])
-        np.testing.assert_array_equal(block.alpha, alpha)
-    else:
-        # pattern re-derives B from α·B: a negative α comes back as (−B, |α|); see
-        # test_negative_alpha_bases_survive_export for the exact check (xfail)
-        np.testing.assert_array_equal(block.bases, r["bases"] * sign)
-        np.testing.assert_array_equal(block.alpha, np.abs(alpha))
+    np.testing.assert_array_equal(block.bases, r["bases"])  # the module's, even if α_m < 0
+    np.testing.assert_array_equal(block.alpha, alpha)
 
 
 @pytest.mark.parametrize("M,N,act,channelwise,stride,padding,k,seed", list(_cases()))
@@ -152,10 +145,6 @@ def test_layers_with_identical_weights_export_as_two_blocks(ort_run, max_rel_err
         assert max_rel_err(ort_run(proto, x.numpy()), net(x).numpy()) <= 1e-5
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pattern._weights splits the product α·B instead of reading B from Mul(α, B): a layer whose "
-    "least-squares α has a negative entry comes back as (−B_m, |α_m|), not the module's "
-    "report() bases (the float result is the same)"))
 def test_negative_alpha_bases_survive_export():
     # W = (−3, −3, 1): bases (−,−,+), (+,+,+) and least-squares α = (2, −1) exactly
     m = ABCConv2d(3, 1, 1, M=2, N=1)

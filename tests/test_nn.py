@@ -293,10 +293,6 @@ def test_eval_freezes_float32_constants():
     assert m._frozen is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "nn._ABCBase caches the frozen constants at eval(); load_state_dict on a module already "
-    "in eval mode (abc_resnet* return eval-mode models) keeps the old bases/α/v/β, so the "
-    "eval forward silently uses the previous weights"))
 def test_eval_forward_follows_load_state_dict():
     torch.manual_seed(0)
     a = ABCConv2d(3, 4, 3, M=2, N=2).eval()
