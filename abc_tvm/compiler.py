@@ -10,6 +10,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 import tvm
 
@@ -150,6 +151,22 @@ def _report(proto: onnx.ModelProto, model_name: str, spec: targets.TargetSpec,
     return report
 
 
+def onnx_blocks_only(blocks: list[pattern.ABCBlock]):
+    """A `rewrite(accept=...)` filter: only blocks the ONNX-level matcher found (same weights,
+    shifts and scales). The Relax importer splits some ops the contract rejects (a Conv's
+    bias becomes a separate add), so the ONNX graph has the final say on what is ABC."""
+
+    def key(b: pattern.ABCBlock) -> tuple:
+        # Σ α_m B_m, not the bases: a weight may be decomposed differently at each level
+        # (the importer folds Mul(α, B) into one constant). float64 sums ≤ 8 terms exactly.
+        weight = np.einsum("mo,mo...->o...", b.alpha.astype(np.float64), b.bases)
+        return (b.bases.shape[1:], weight.astype(np.float32).tobytes(),
+                np.float32(b.shift).tobytes(), np.float32(b.beta).tobytes(), b.act)
+
+    known = {key(b) for b in blocks}
+    return lambda b: None if key(b) in known else "not an ABC block of the ONNX graph"
+
+
 def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
                   output: str | os.PathLike, report_path: str | os.PathLike | None = None,
                   quiet: bool = False, tuning_log: str | os.PathLike | None = None) -> Report:
@@ -178,13 +195,20 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
     elif tuning_log is not None:
         raise UserError("--tuning-log applies to CPU targets (x86, arm) only for now")
     if database is not None:
-        scheduled, _, _ = rewrite(mod, spec.target, spec.word_bits)
+        scheduled, _, _ = rewrite(mod, spec.target, spec.word_bits,
+                                  accept=onnx_blocks_only(onnx_match[0]))
         fallback = {gv.name_hint: f for gv, f in scheduled.functions.items()
                     if isinstance(f, tvm.tirx.PrimFunc)}
     # With a database the kernels go in unscheduled, as `tune` extracted them, so that its
     # records match; those it has none for get `fallback`, the hand-written schedule.
     mod, rewritten, misses = rewrite(mod, spec.target, spec.word_bits,
-                                     tunable=database is not None)
+                                     tunable=database is not None,
+                                     accept=onnx_blocks_only(onnx_match[0]))
+    if onnx_match[0] and not rewritten:
+        why = "; ".join(dict.fromkeys(m.reason for m in misses)) or "no reason given"
+        raise UserError(f"{len(onnx_match[0])} ABC block(s) found in the model but none could "
+                        f"be turned into binary kernels ({why}); refusing to build a model "
+                        "whose ABC layers would all run as float convs")
     report = _report(proto, model_name, spec, onnx_match, rewritten, misses)
     report.tuning = [str(p) for p in find_databases(tuning_log)] if database else []
     if not rewritten:

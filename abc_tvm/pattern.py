@@ -257,27 +257,44 @@ def _reconstructs(w: np.ndarray, bases: np.ndarray, alpha: np.ndarray) -> bool:
 
 
 def _signed_sums(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Greedy decomposition W = Σ_m α_m B_m with the largest α first, or None.
+    """W = Σ_m α_m B_m from W's distinct values, when they are all 2^M sums ±α_1 ± … ± α_M.
 
-    Values of the form ±α_1 ± … ± α_M (the product of an ABC layer folded into one
-    constant) have magnitudes whose extremes straddle the largest α_1, so α_1 = (max|W| +
-    min|W|)/2, B_1 = sign(W), and the residual W − α_1·B_1 has the same form with M − 1
-    bases: M bases come back where the thermometer decomposition needs up to 2^M − 1.
+    That is what an ABC weight folded into one constant looks like. The two largest sums
+    differ by 2·α_min; pairing every value l with l − 2·α_min leaves the 2^(M−1) sums of the
+    other α, and so on. M bases come back where the thermometer decomposition needs up to
+    2^M − 1. None if the values are not such a set (some sums missing or coinciding).
     """
-    r = w.astype(np.float64)
-    bases, alpha = [], []
-    while np.abs(r).max() > 0:
-        if len(alpha) == MAX_BASES:
-            return None
-        mag = np.abs(r)
-        a = (float(mag.max()) + float(mag.min())) / 2
-        b = np.where(r >= 0, 1.0, -1.0)
-        bases.append(b)
-        alpha.append(a)
-        r = r - a * b
-    if not alpha:
+    levels = np.unique(w.astype(np.float64))
+    if len(levels) > 2 ** MAX_BASES:
         return None
-    return np.stack(bases).astype(np.float32), np.asarray(alpha, np.float32)
+    alphas: list[float] = []
+    cur = levels
+    while len(cur) > 1:
+        if len(cur) % 2:
+            return None
+        a = (cur[-1] - cur[-2]) / 2
+        tol = 1e-6 * max(abs(cur[-1]), abs(cur[0]))
+        if a <= tol:
+            return None
+        left, mids = list(cur), []
+        while left:  # the largest value left is some x + a: its partner x − a must be there
+            high = left.pop()
+            j = int(np.argmin(np.abs(np.asarray(left) - (high - 2 * a)))) if left else -1
+            if j < 0 or abs(left[j] - (high - 2 * a)) > tol:
+                return None
+            left.pop(j)
+            mids.append(high - a)
+        alphas.append(a)
+        cur = np.asarray(sorted(mids))
+    if len(cur) != 1 or abs(cur[0]) > 1e-6 * max(abs(levels[-1]), 1e-30):
+        return None
+    alpha = np.asarray(sorted(alphas, reverse=True))
+    signs = np.array(np.meshgrid(*[[-1.0, 1.0]] * len(alpha), indexing="ij")).reshape(
+        len(alpha), -1)  # every sign pattern, one per column
+    sums = alpha @ signs
+    pick = np.abs(w.reshape(-1, 1).astype(np.float64) - sums[None, :]).argmin(axis=1)
+    bases = signs[:, pick].reshape(len(alpha), *w.shape)
+    return bases.astype(np.float32), alpha.astype(np.float32)
 
 
 def _per_channel(w: np.ndarray, split) -> tuple[np.ndarray, np.ndarray] | None:
@@ -409,6 +426,13 @@ def _add_tree(g: Graph, value: str, leaves: dict[str, _Branch]) -> tuple[str, li
         value = users[0].outputs[0]
 
 
+def _weight_key(g: Graph, w: str) -> object:
+    """What makes two convs' weights the same: the value itself, or for constants their
+    contents (an importer may give each conv of a block its own copy of the weight)."""
+    c = g.const(w)
+    return w if c is None else (c.shape, c.dtype.str, c.tobytes())
+
+
 def find_abc_blocks(g: Graph) -> tuple[list[ABCBlock], list[Miss]]:
     """Every ABC block of the graph, and the convs that stay float with the reason."""
     branches: dict[str, _Branch] = {}
@@ -421,14 +445,14 @@ def find_abc_blocks(g: Graph) -> tuple[list[ABCBlock], list[Miss]]:
         except _NoMatch as e:
             misses.append(Miss(op.name, op.op, str(e)))
     by_out = {b.out: b for b in branches.values()}
+    keys = {b.out: (b.x, _weight_key(g, b.conv.inputs[1]), b.act, b.act_form, b.beta_position)
+            for b in branches.values()}
     blocks: list[ABCBlock] = []
     taken: set[str] = set()
     for b in branches.values():
         if b.out in taken:
             continue
-        key = (b.x, b.conv.inputs[1], b.act, b.act_form, b.beta_position)
-        same = {o: br for o, br in by_out.items() if o not in taken
-                and (br.x, br.conv.inputs[1], br.act, br.act_form, br.beta_position) == key}
+        same = {o: br for o, br in by_out.items() if o not in taken and keys[o] == keys[b.out]}
         root, add_ops = _add_tree(g, b.out, same)
         members = _leaves(g, root, same) if add_ops else [b]
         if any(m.conv.attrs != b.conv.attrs for m in members):

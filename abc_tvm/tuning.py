@@ -89,10 +89,13 @@ class TuneResult:
 def extract(model: str | os.PathLike, spec: targets.TargetSpec) -> list:
     """The tuning tasks of a model: every PrimFunc of its rewritten, legalized Relax module
     (the ABC kernels and the float ops), exactly as `compile` will look them up."""
-    from abc_tvm.compiler import legalize_passes
+    from abc_tvm import pattern
+    from abc_tvm.compiler import legalize_passes, onnx_blocks_only
 
     proto = frontend.load(model)
-    mod, _, _ = rewrite(frontend.to_relax(proto), spec.target, spec.word_bits, tunable=True)
+    blocks, _ = pattern.find_abc_blocks(pattern.from_onnx(proto))
+    mod, _, _ = rewrite(frontend.to_relax(proto), spec.target, spec.word_bits, tunable=True,
+                        accept=onnx_blocks_only(blocks))
     with spec.target, tvm.transform.PassContext(opt_level=3):
         mod = tvm.transform.Sequential(legalize_passes(spec))(mod)
     return ms.relax_integration.extract_tasks(mod, spec.target)

@@ -21,11 +21,17 @@ Other targets:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from abc_tvm import pattern
+from abc_tvm.reference import pack_weights
 from abc_tvm.relay_passes import float_layout
 from abc_tvm.schedules import (
     abc_block_func,
@@ -35,11 +41,6 @@ from abc_tvm.schedules import (
     block_vector,
     compute,
 )
-from tvm import relax
-from tvm.relax.expr_functor import PyExprMutator, mutator
-
-from abc_tvm import pattern
-from abc_tvm.reference import pack_weights
 
 # Relax ops in ONNX's vocabulary, for the matcher.
 _OPS = {
@@ -457,6 +458,7 @@ def _fusable_target(target: tvm.target.Target, word_bits: int) -> bool:
 
 def rewrite(mod: tvm.IRModule, target: tvm.target.Target, word_bits: int,
             func_name: str = "main", tunable: bool = False, fuse_glue: bool | None = None,
+            accept: Callable[[pattern.ABCBlock], str | None] | None = None,
             ) -> tuple[tvm.IRModule, list[Rewritten], list[pattern.Miss]]:
     """Rewrite every ABC block of `mod[func_name]`; returns the module, the blocks, the misses.
 
@@ -466,7 +468,8 @@ def rewrite(mod: tvm.IRModule, target: tvm.target.Target, word_bits: int,
     each block and the next block's bit-packing into one kernel (see the module doc).
 
     Blocks whose input is not a static 4-D float32 tensor, or whose output shape disagrees
-    with the conv's, are left in float and reported as misses.
+    with the conv's, are left in float and reported as misses, as are those `accept` gives
+    a reason to refuse (the compiler refuses blocks its ONNX-level matcher did not find).
     """
     func = mod[func_name]
     graph, vars_ = _graph(func)
@@ -475,6 +478,10 @@ def rewrite(mod: tvm.IRModule, target: tvm.target.Target, word_bits: int,
         fuse_glue = _fusable_target(target, word_bits)
     accepted: list[pattern.ABCBlock] = []
     for blk in blocks:
+        refused = accept(blk) if accept is not None else None
+        if refused:
+            misses.append(pattern.Miss(blk.name, "Conv", refused))
+            continue
         x, y = vars_.get(blk.input), vars_.get(blk.output)
         if x is None or y is None or x.ty.dtype != "float32" or len(x.ty.shape) != 4:
             misses.append(pattern.Miss(blk.name, "Conv", "block input is not a 4-D float32 tensor"))

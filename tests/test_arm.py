@@ -24,8 +24,6 @@ import numpy as np
 import onnx
 import pytest
 import tvm
-from abc_tvm.schedules import arm
-from abc_tvm.schedules import compute as C
 from onnx import TensorProto, helper, numpy_helper
 from tvm import relax, te
 
@@ -33,6 +31,8 @@ from abc_tvm import deploy, schedules, targets
 from abc_tvm import reference as ref
 from abc_tvm.compiler import pipeline, sha256
 from abc_tvm.errors import UserError
+from abc_tvm.schedules import arm
+from abc_tvm.schedules import compute as C
 
 HOST = tvm.target.Target.from_device("cpu")
 ARM = targets.ARM_PRESETS["arm"].target()

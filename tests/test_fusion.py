@@ -18,7 +18,6 @@ import onnxruntime as ort
 import pytest
 import torch
 import tvm
-from abc_tvm.relay_passes.abc_rewrite import rewrite
 from torch import nn
 from tvm import relax
 
@@ -26,6 +25,7 @@ from abc_tvm import compiler, frontend, targets
 from abc_tvm.export import to_onnx
 from abc_tvm.models import BasicBlock, abc_resnet20
 from abc_tvm.nn import ABCConv2d
+from abc_tvm.relay_passes.abc_rewrite import rewrite
 
 SPEC = targets.resolve("x86")
 

@@ -15,13 +15,13 @@ import onnx_builders as ob
 import pytest
 import tvm
 import tvm_ffi
-from abc_tvm.relay_passes.abc_rewrite import rewrite
 from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
 from abc_tvm import frontend, targets, tuning
 from abc_tvm.cli import main as cli
 from abc_tvm.compiler import compile_model, legalize_passes
+from abc_tvm.relay_passes.abc_rewrite import rewrite
 from abc_tvm.runtime import load
 
 SPEC = targets.resolve("x86")
