@@ -30,10 +30,12 @@ class Report:
     abc_layers: list[dict] = field(default_factory=list)
     float_ops: list[dict] = field(default_factory=list)
     tuning: list[str] = field(default_factory=list)  # databases applied
+    tuned_kernels: list[str] = field(default_factory=list)  # kernels scheduled from them
 
     def as_dict(self) -> dict:
         return {"model": self.model, "target": self.target, "abc_layers": self.abc_layers,
-                "float_ops": self.float_ops, "tuning_databases": self.tuning}
+                "float_ops": self.float_ops, "tuning_databases": self.tuning,
+                "tuned_kernels": self.tuned_kernels}
 
     def table(self) -> str:
         """A short human summary: one line per ABC layer, float ops counted by reason."""
@@ -51,13 +53,15 @@ class Report:
             counts[(f["op"], f["reason"])] = counts.get((f["op"], f["reason"]), 0) + 1
         lines.append(f"{len(self.float_ops)} op(s) left in float:")
         if self.tuning:
-            lines.insert(1, f"  tuning database(s): {', '.join(self.tuning)}")
+            lines.insert(1, f"  {len(self.tuned_kernels)} kernel(s) scheduled from tuning "
+                            f"database(s) {', '.join(self.tuning)}")
         lines += [f"  {n:>4} x {op:<20} {reason}" for (op, reason), n in sorted(counts.items())]
         return "\n".join(lines)
 
 
 def pipeline(spec: targets.TargetSpec, database=None,
-             fallback: dict[str, tvm.tirx.PrimFunc] | None = None) -> tvm.transform.Pass | str:
+             fallback: dict[str, tvm.tirx.PrimFunc] | None = None,
+             applied: list[str] | None = None) -> tvm.transform.Pass | str:
     """The Relax pipeline for a target.
 
     CPUs: TVM's CPU passes, then the tuning database's schedules (if any), then the
@@ -73,7 +77,8 @@ def pipeline(spec: targets.TargetSpec, database=None,
     from abc_tvm.tuning import apply_database_pass
 
     t = spec.target
-    tuned = [apply_database_pass(database), _fallback_pass(fallback or {})] if database else []
+    tuned = ([apply_database_pass(database, applied), _fallback_pass(fallback or {})]
+             if database is not None else [])
     return tvm.transform.Sequential(
         legalize_passes(spec) + tuned + [default_cpu_schedule]
         + cpu.dataflow_lower_passes(t) + cpu.finalize_passes(t))
@@ -187,7 +192,7 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
         if miss.error:
             raise UserError(f"{miss.name}: {miss.reason}")
     mod = frontend.to_relax(proto)
-    database, fallback = None, None
+    database, fallback, applied = None, None, []
     if spec.kind == "llvm":
         from abc_tvm.tuning import find_databases, load_databases
 
@@ -210,13 +215,15 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
                         f"be turned into binary kernels ({why}); refusing to build a model "
                         "whose ABC layers would all run as float convs")
     report = _report(proto, model_name, spec, onnx_match, rewritten, misses)
-    report.tuning = [str(p) for p in find_databases(tuning_log)] if database else []
     if not rewritten:
         print("abc-tvm compile: warning: no ABC convolution found; the model runs entirely in "
               "float", file=sys.stderr)
     with tvm.transform.PassContext(opt_level=3):
         ex = tvm.compile(mod, target=spec.target,
-                         relax_pipeline=pipeline(spec, database, fallback))
+                         relax_pipeline=pipeline(spec, database, fallback, applied))
+    if applied:  # name the databases only when one of their records was used
+        report.tuning = [str(p) for p in find_databases(tuning_log)]
+        report.tuned_kernels = applied
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=output.parent)
     os.close(fd)
     try:

@@ -8,6 +8,7 @@ a MetaSchedule JSON database in the log directory; a second run continues from i
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,10 @@ WORKLOADS = "database_workload.json"
 
 def open_database(log_dir: str | os.PathLike) -> ms.database.JSONDatabase:
     """The MetaSchedule JSON database kept in `log_dir` (created if missing)."""
+    # Records name our schedule rules' tensor intrinsics: register them before parsing.
+    import abc_tvm.schedules.arm  # noqa: F401
+    import abc_tvm.schedules.cpu  # noqa: F401
+
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     return ms.database.JSONDatabase(path_workload=str(log_dir / WORKLOADS),
@@ -135,6 +140,9 @@ def tune_model(model: str | os.PathLike, target: str, trials: int, log_dir: str 
         extracted, str(log_dir), num_threads="physical")
     if not contexts:
         raise UserError("the model has no tunable task")
+    # MetaSchedule's per-round INFO lines would bury the progress bar: the console gets
+    # warnings only; the full logs stay in LOG_DIR/logs.
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     with tqdm(total=remaining, desc=f"tuning {len(contexts)} tasks", unit="trial",
               disable=quiet) as bar:
         progress = _Progress(bar, [float(w) for w in weights])
@@ -153,12 +161,22 @@ def tune_model(model: str | os.PathLike, target: str, trials: int, log_dir: str 
     return TuneResult(log_dir, len(contexts), before, run)
 
 
-def apply_database_pass(database: ms.database.Database) -> tvm.transform.Pass:
-    """MetaSchedule's ApplyDatabase bound to `database` (used inside the compile pipeline)."""
+def apply_database_pass(database: ms.database.Database,
+                        applied: list[str] | None = None) -> tvm.transform.Pass:
+    """MetaSchedule's ApplyDatabase bound to `database` (used inside the compile pipeline);
+    the kernels it scheduled from a record are appended to `applied`."""
 
     @tvm.transform.module_pass(opt_level=0, name="ABCApplyTuningDatabase")
     def _apply(mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        def unscheduled(m: tvm.IRModule) -> set[str]:
+            return {gv.name_hint for gv, f in m.functions.items()
+                    if isinstance(f, tvm.tirx.PrimFunc) and "tirx.is_scheduled" not in f.attrs}
+
+        before = unscheduled(mod)
         with database:
-            return tvm.relax.transform.MetaScheduleApplyDatabase()(mod)
+            out = tvm.relax.transform.MetaScheduleApplyDatabase()(mod)
+        if applied is not None:
+            applied.extend(sorted(before - unscheduled(out)))
+        return out
 
     return _apply

@@ -465,6 +465,11 @@ def bitpack_rule(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> list[s_tir.Sched
     return [sch, fixed]
 
 
+# Registered at import, so a tuning record's trace (which names them) loads and replays.
+for _bits in (32, 64):
+    for _scope in ("local", "global"):
+        pack_intrin(_bits, _scope)
+
 RULES = {C.SCHEDULE_RULE: conv_rule, C.BITPACK_RULE: bitpack_rule}
 for _name, _rule in RULES.items():
     if tvm.get_global_func(f"s_tir.meta_schedule.cpu.{_name}", allow_missing=True) is None:

@@ -7,6 +7,9 @@ the fused ABC kernel, two layout transposes), so a handful of trials covers them
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -63,10 +66,15 @@ def test_tune_writes_a_database_that_compile_applies_and_a_rerun_continues(
     assert _records(log)[:len(held)] == held
 
     # compile --tuning-log applies it (the report says so) and the answer does not change.
-    default, tuned = tmp_path / "default.so", tmp_path / "tuned.so"
+    # A fresh process: the records must load before any kernel was scheduled in it.
+    default, tuned, rep = tmp_path / "default.so", tmp_path / "tuned.so", tmp_path / "r.json"
     compile_model(path, "x86", default, quiet=True)
-    report = compile_model(path, "x86", tuned, quiet=True, tuning_log=log)
-    assert report.tuning == [str(log)]
+    proc = subprocess.run([sys.executable, "-m", "abc_tvm.cli", "compile", str(path), "-o",
+                           str(tuned), "--tuning-log", str(log), "--report", str(rep)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(rep.read_text())
+    assert report["tuning_databases"] == [str(log)] and report["tuned_kernels"]
     y_default, y_tuned = _run(default, x), _run(tuned, x)
     np.testing.assert_array_equal(y_tuned, y_default)
     assert max_rel_err(y_tuned, ort_run(path, x)) <= 1e-4
@@ -126,8 +134,10 @@ def test_compile_applies_the_database_schedule_not_the_default(tiny, tmp_path):
     assert not tvm_ffi.structural_equal(applied.body, default.body, map_free_vars=True)
 
     so_default, so_tuned = tmp_path / "default.so", tmp_path / "tuned.so"
-    compile_model(path, "x86", so_default, quiet=True)
-    compile_model(path, "x86", so_tuned, quiet=True, tuning_log=log)
+    untuned = compile_model(path, "x86", so_default, quiet=True)
+    assert untuned.tuning == [] and untuned.tuned_kernels == []  # no shipped record matches
+    tuned = compile_model(path, "x86", so_tuned, quiet=True, tuning_log=log)
+    assert tuned.tuned_kernels == [name]
     y = _run(so_tuned, x)
     np.testing.assert_array_equal(y, _run(so_default, x))
     np.testing.assert_allclose(y, ob.reference_output(expected, x), rtol=0, atol=1e-4 * float(
