@@ -46,7 +46,7 @@ def _compile(args: argparse.Namespace) -> None:
         raise UserError("--bundle makes a deploy directory for a board: use it with an arm "
                         "target (e.g. --target arm)")
     compile_model(args.model, args.target, args.output, report_path=args.report,
-                  tuning_log=args.tuning_log)
+                  tuning_log=False if args.no_tuning_log else args.tuning_log)
     if args.bundle is not None:
         from abc_tvm.deploy import make_bundle
 
@@ -58,7 +58,7 @@ def _tune(args: argparse.Namespace) -> None:
 
     log = args.log or args.model.with_name(f"{args.model.stem}.tuning-{args.target}")
     tune_model(args.model, args.target, args.trials, log, rpc_tracker=args.rpc_tracker,
-               rpc_key=args.rpc_key)
+               rpc_key=args.rpc_key, kernels=args.kernels)
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -124,6 +124,8 @@ def parser() -> argparse.ArgumentParser:
                    help="also write a self-contained deploy directory (runner + runtime libs)")
     c.add_argument("--tuning-log", type=Path, default=None,
                    help="MetaSchedule database dir (default: matching shipped tuning_logs/)")
+    c.add_argument("--no-tuning-log", action="store_true",
+                   help="apply no tuning database: the hand-written default schedules only")
     c.set_defaults(func=_compile)
 
     t = sub.add_parser("tune", help="tune a model's kernels with MetaSchedule (XGBoost)")
@@ -134,6 +136,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--trials", type=int, required=True, help="total trials (a rerun resumes)")
     t.add_argument("--log", type=Path, default=None,
                    help="database directory (default: MODEL.tuning-TARGET beside the model)")
+    t.add_argument("--kernels", choices=["all", "abc"], default="all",
+                   help="tune every kernel (default) or only the ABC kernels (small budgets: "
+                        "the hand-written float schedules are hard to beat in few trials)")
     t.add_argument("--rpc-tracker", default=None, help="HOST:PORT of a TVM RPC tracker")
     t.add_argument("--rpc-key", default=None, help="device key registered at the tracker")
     t.set_defaults(func=_tune)

@@ -174,12 +174,14 @@ def onnx_blocks_only(blocks: list[pattern.ABCBlock]):
 
 def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
                   output: str | os.PathLike, report_path: str | os.PathLike | None = None,
-                  quiet: bool = False, tuning_log: str | os.PathLike | None = None) -> Report:
+                  quiet: bool = False,
+                  tuning_log: str | os.PathLike | None | bool = None) -> Report:
     """Compile an ONNX ABC model for `target` ("x86", "arm", "cuda") into `output` (.so).
 
     Applies the MetaSchedule database in `tuning_log`, or else any shipped one in
-    tuning_logs/ whose records match (CPU targets). Writes the .so, its manifest
-    `<output>.json` and, if asked, the JSON report; nothing is written when it fails.
+    tuning_logs/ whose records match (CPU targets); `tuning_log=False` applies none.
+    Writes the .so, its manifest `<output>.json` and, if asked, the JSON report; nothing is
+    written when it fails.
     """
     spec = targets.resolve(target)
     output = Path(output)
@@ -197,7 +199,7 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
         from abc_tvm.tuning import find_databases, load_databases
 
         database = load_databases(find_databases(tuning_log))
-    elif tuning_log is not None:
+    elif tuning_log not in (None, False):
         raise UserError("--tuning-log applies to CPU targets (x86, arm) only for now")
     if database is not None:
         scheduled, _, _ = rewrite(mod, spec.target, spec.word_bits,
