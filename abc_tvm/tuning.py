@@ -160,7 +160,9 @@ def tune_model(model: str | os.PathLike, target: str, trials: int, log_dir: str 
         ms.tune.tune_tasks(
             tasks=contexts, task_weights=weights, work_dir=str(log_dir),
             max_trials_global=remaining,
-            num_trials_per_iter=min(trials_per_iter, remaining),
+            # At least two rounds over the tasks, so the cost model learns from the first
+            # and the progress bar moves (results arrive when a task's round is joined).
+            num_trials_per_iter=max(1, min(trials_per_iter, remaining // (2 * len(contexts)))),
             builder=builder, runner=runner, database=database, cost_model="xgb",
             measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
                                progress],

@@ -24,6 +24,7 @@ from tvm.s_tir import meta_schedule as ms
 from abc_tvm import frontend, targets, tuning
 from abc_tvm.cli import main as cli
 from abc_tvm.compiler import compile_model, legalize_passes
+from abc_tvm.errors import UserError
 from abc_tvm.relay_passes.abc_rewrite import rewrite
 from abc_tvm.runtime import load
 
@@ -52,17 +53,19 @@ def test_tune_writes_a_database_that_compile_applies_and_a_rerun_continues(
         tiny, tmp_path, ort_run, max_rel_err):
     path, expected, x = tiny
     log = tmp_path / "log"
-    first = tuning.tune_model(path, "x86", 4, log, quiet=True)
-    assert first.trials_before == 0 and first.trials_run >= 4 and first.tasks == 4
+    first = tuning.tune_model(path, "x86", 4, log, kernels="abc", quiet=True)
+    assert first.trials_before == 0 and first.trials_run >= 4
+    assert first.tasks == 2  # --kernels abc: the bit-pack and the ABC kernel, no transposes
     held = _records(log)
     assert len(held) == first.trials_run
     db = tuning.open_database(log)
     assert db.has_workload(_abc_task(path).dispatched[0])  # the ABC kernel was tuned
+    assert all("abc_" in r.workload.mod.script() for r in db.get_all_tuning_records())
 
     # Same budget: nothing to do. A larger one continues: earlier records kept, more added.
     assert tuning.tune_model(path, "x86", len(held), log, quiet=True).trials_run == 0
     more = tuning.tune_model(path, "x86", len(held) + 2, log, quiet=True)
-    assert more.trials_before == len(held) and more.trials_run >= 1
+    assert more.trials_before == len(held) and more.trials_run >= 1 and more.tasks == 4
     assert _records(log)[:len(held)] == held
 
     # compile --tuning-log applies it (the report says so) and the answer does not change.
@@ -148,6 +151,8 @@ def test_tune_cli_bad_input_is_one_line(tiny, tmp_path, capsys):
     path, _, _ = tiny
     assert cli(["tune", str(path), "--trials", "0", "--log", str(tmp_path / "l")]) == 2
     assert "--trials must be at least 1" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--kernels must be"):
+        tuning.tune_model(path, "x86", 1, tmp_path / "l", kernels="float")
     assert cli(["compile", str(path), "-o", str(tmp_path / "m.so"),
                 "--tuning-log", str(tmp_path / "nothing")]) == 2
     assert "holds no MetaSchedule database" in capsys.readouterr().err
