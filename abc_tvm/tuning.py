@@ -144,6 +144,13 @@ def tune_model(model: str | os.PathLike, target: str, trials: int, log_dir: str 
         if not quiet:
             print(f"{log_dir} already holds {before} trials (asked for {trials}): nothing to do")
         return TuneResult(log_dir, 0, before, 0)
+    # MetaSchedule's per-round INFO lines would bury the progress bar: the console gets
+    # warnings only; the full logs stay in LOG_DIR/logs. Its logger set-up names every
+    # handler already on its logger and fails on an unnamed one (pytest's capture adds such
+    # handlers): those are dropped, MetaSchedule installs its own.
+    ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
+    ms_log.setLevel(logging.WARNING)
+    ms_log.handlers = [h for h in ms_log.handlers if h.get_name()]
     extracted = extract(model, spec)
     if kernels == "abc":
         extracted = [t for t in extracted if t.task_name.startswith("abc_")]
@@ -151,9 +158,6 @@ def tune_model(model: str | os.PathLike, target: str, trials: int, log_dir: str 
         extracted, str(log_dir), num_threads="physical")
     if not contexts:
         raise UserError("the model has no tunable task")
-    # MetaSchedule's per-round INFO lines would bury the progress bar: the console gets
-    # warnings only; the full logs stay in LOG_DIR/logs.
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     with tqdm(total=remaining, desc=f"tuning {len(contexts)} tasks", unit="trial",
               disable=quiet) as bar:
         progress = _Progress(bar, [float(w) for w in weights])

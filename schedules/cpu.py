@@ -466,7 +466,7 @@ def bitpack_rule(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> list[s_tir.Sched
 
 
 # Registered at import, so a tuning record's trace (which names them) loads and replays.
-for _bits in (32, 64):
+for _bits in range(8, 65, 8):  # every word width `_movmsk_ok` packs (channels < 64 too)
     for _scope in ("local", "global"):
         pack_intrin(_bits, _scope)
 
