@@ -146,8 +146,8 @@ def tune_model(model: str | os.PathLike, target: str, trials: int, log_dir: str 
         return TuneResult(log_dir, 0, before, 0)
     # MetaSchedule's per-round INFO lines would bury the progress bar: the console gets
     # warnings only; the full logs stay in LOG_DIR/logs. Its logger set-up names every
-    # handler already on its logger and fails on an unnamed one (pytest's capture adds such
-    # handlers): those are dropped, MetaSchedule installs its own.
+    # handler already on its logger and fails on an unnamed one (seen when the test suite
+    # tunes twice in one process): those are dropped, MetaSchedule installs its own.
     ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
     ms_log.setLevel(logging.WARNING)
     ms_log.handlers = [h for h in ms_log.handlers if h.get_name()]
