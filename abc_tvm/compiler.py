@@ -194,23 +194,28 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
         if miss.error:
             raise UserError(f"{miss.name}: {miss.reason}")
     mod = frontend.to_relax(proto)
-    database, fallback, applied = None, None, []
+    accept = onnx_blocks_only(onnx_match[0])
+    scheduled, rewritten, misses = rewrite(mod, spec.target, spec.word_bits, accept=accept)
+    database, dirs, applied = None, [], []
     if spec.kind == "llvm":
         from abc_tvm.tuning import find_databases, load_databases
 
-        database = load_databases(find_databases(tuning_log))
+        kernels = {gv.name_hint for gv, f in scheduled.functions.items()
+                   if isinstance(f, tvm.tirx.PrimFunc)}
+        dirs = find_databases(tuning_log, kernels)
+        database = load_databases(dirs)
     elif tuning_log not in (None, False):
         raise UserError("--tuning-log applies to CPU targets (x86, arm) only for now")
-    if database is not None:
-        scheduled, _, _ = rewrite(mod, spec.target, spec.word_bits,
-                                  accept=onnx_blocks_only(onnx_match[0]))
+    fallback = None
+    if database is None:
+        mod = scheduled
+    else:
+        # The kernels go in unscheduled, as `tune` extracted them, so that its records
+        # match; those it has none for get `fallback`, the hand-written schedule.
         fallback = {gv.name_hint: f for gv, f in scheduled.functions.items()
                     if isinstance(f, tvm.tirx.PrimFunc)}
-    # With a database the kernels go in unscheduled, as `tune` extracted them, so that its
-    # records match; those it has none for get `fallback`, the hand-written schedule.
-    mod, rewritten, misses = rewrite(mod, spec.target, spec.word_bits,
-                                     tunable=database is not None,
-                                     accept=onnx_blocks_only(onnx_match[0]))
+        mod, rewritten, misses = rewrite(mod, spec.target, spec.word_bits, tunable=True,
+                                         accept=accept)
     if onnx_match[0] and not rewritten:
         why = "; ".join(dict.fromkeys(m.reason for m in misses)) or "no reason given"
         raise UserError(f"{len(onnx_match[0])} ABC block(s) found in the model but none could "
@@ -224,7 +229,7 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
         ex = tvm.compile(mod, target=spec.target,
                          relax_pipeline=pipeline(spec, database, fallback, applied))
     if applied:  # name the databases only when one of their records was used
-        report.tuning = [str(p) for p in find_databases(tuning_log)]
+        report.tuning = [str(p) for p in dirs]
         report.tuned_kernels = applied
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=output.parent)
     os.close(fd)

@@ -8,6 +8,7 @@ a MetaSchedule JSON database in the log directory; a second run continues from i
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from abc_tvm.relay_passes.abc_rewrite import rewrite
 SHIPPED_LOGS = Path(__file__).resolve().parent.parent / "tuning_logs"
 RECORDS = "database_tuning_record.json"
 WORKLOADS = "database_workload.json"
+TASKS = "tasks.json"  # names of the kernels tuned into a database, to skip it cheaply
 
 
 def open_database(log_dir: str | os.PathLike) -> ms.database.JSONDatabase:
@@ -40,9 +42,11 @@ def open_database(log_dir: str | os.PathLike) -> ms.database.JSONDatabase:
                                     path_tuning_record=str(log_dir / RECORDS))
 
 
-def find_databases(tuning_log: str | os.PathLike | None | bool) -> list[Path]:
-    """The database directories to apply: the one asked for, else every shipped one
-    (`False`: none, the hand-written default schedules only)."""
+def find_databases(tuning_log: str | os.PathLike | None | bool,
+                   kernels: set[str] | None = None) -> list[Path]:
+    """The database directories to apply: the one asked for, else the shipped ones that
+    tuned one of `kernels` (by its `tasks.json`; all of them when `kernels` is None).
+    `False`: none, the hand-written default schedules only."""
     if tuning_log is False:
         return []
     if tuning_log is not None:
@@ -53,7 +57,12 @@ def find_databases(tuning_log: str | os.PathLike | None | bool) -> list[Path]:
         return [path]
     if not SHIPPED_LOGS.is_dir():
         return []
-    return sorted(p.parent for p in SHIPPED_LOGS.glob(f"*/{RECORDS}"))
+    dirs = sorted(p.parent for p in SHIPPED_LOGS.glob(f"*/{RECORDS}"))
+    if kernels is None:
+        return dirs
+    # Parsing a database takes seconds: open only those that can match this model.
+    return [d for d in dirs if not (d / TASKS).is_file()
+            or kernels & set(json.loads((d / TASKS).read_text()))]
 
 
 def load_databases(dirs: list[Path]) -> ms.database.Database | None:
@@ -172,6 +181,9 @@ def tune_model(model: str | os.PathLike, target: str, trials: int, log_dir: str 
                                progress],
         )
     run = len(database) - before
+    tasks = log_dir / TASKS
+    known = set(json.loads(tasks.read_text())) if tasks.is_file() else set()
+    tasks.write_text(json.dumps(sorted(known | {c.task_name for c in contexts}), indent=0))
     if not quiet:
         print(f"{run} trials measured over {len(contexts)} tasks; database: {log_dir} "
               f"({len(database)} records)")
