@@ -130,6 +130,9 @@ class InProcessBuilder(PyBuilder):
         return results
 
 
+BUILD_TIMEOUT_S = 300.0  # ABC kernels unroll M x N x tile: LLVM needs > 30 s on a busy 2-core box
+
+
 def builder_for(spec: targets.TargetSpec, max_workers: int | None = None,
                 in_process: bool = False) -> ms.builder.Builder:
     """The MetaSchedule builder for a target: cross-linking for aarch64, plain otherwise."""
@@ -140,8 +143,9 @@ def builder_for(spec: targets.TargetSpec, max_workers: int | None = None,
     if in_process:
         return InProcessBuilder(export)
     if export is not None:
-        return ms.builder.LocalBuilder(f_export=export, max_workers=max_workers)
-    return ms.builder.LocalBuilder(max_workers=max_workers)
+        return ms.builder.LocalBuilder(f_export=export, max_workers=max_workers,
+                                       timeout_sec=BUILD_TIMEOUT_S)
+    return ms.builder.LocalBuilder(max_workers=max_workers, timeout_sec=BUILD_TIMEOUT_S)
 
 
 @dataclass

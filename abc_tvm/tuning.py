@@ -135,13 +135,12 @@ def tune_model(model: str | os.PathLike, target: str, trials: int, log_dir: str 
     if trials < 1:
         raise UserError(f"--trials must be at least 1 (got {trials})")
     spec = targets.resolve(target)
-    builder: ms.builder.Builder | str = "local"
+    from abc_tvm import rpc
+
+    builder = rpc.builder_for(spec)  # (cross-)linking, with a build timeout ABC kernels fit
     runner: ms.runner.Runner | str = "local"
     if rpc_tracker:
-        from abc_tvm import rpc
-
         runner = rpc.rpc_runner(rpc_tracker, rpc_key or "")
-        builder = rpc.builder_for(spec)
     elif not spec.runs_on_host:
         raise UserError(f"--target {target} builds for {spec.arch}, which cannot run here: tune "
                         "on the board with --rpc-tracker HOST:PORT --rpc-key KEY")
