@@ -1167,8 +1167,10 @@ def doc_section(results: dict, doc_path: Path | None, plot: Path | None) -> str:
              "(inference_mode), and TVM fp32 = the twin's ONNX through `compile_model` with "
              "its default float schedule, "
              + ("tuned with the given log." if meta.get("tuning_log") else
-                "**untuned** (no tuning log given; shipped tuning_logs/ applied if they "
-                "matched: " + _tuning_note(results) + ")."),
+                "**untuned** (no tuning log given; shipped databases applied: "
+                + _tuning_note(results, ["float_twin"]) + "). abc-tvm models: compiled as "
+                "`abc-tvm compile` does, with the shipped tuning databases that match their "
+                "kernels: " + _tuning_note(results, None) + "."),
              "- Timing: each peer warmed up, then "
              f"{meta['repeat']} samples interleaved across peers (one round times every peer "
              "once); a sample is the mean of enough calls to last ≥ "
@@ -1247,9 +1249,12 @@ def _mcpu(results: dict) -> str:
     return "?"
 
 
-def _tuning_note(results: dict) -> str:
-    dbs = sorted({d for c in results.get("compiled", {}).values()
-                  for d in c.get("tuning_databases", [])})
+def _tuning_note(results: dict, names: list[str] | None) -> str:
+    """The tuning databases applied to the compiled models `names` (None: the ABC ones)."""
+    compiled = results.get("compiled", {})
+    names = [n for n in compiled if n != "float_twin"] if names is None else names
+    dbs = sorted({f"{Path(d).name} ({n})" for n in names
+                  for d in compiled.get(n, {}).get("tuning_databases", [])})
     return ", ".join(dbs) if dbs else "none did"
 
 
