@@ -119,6 +119,19 @@ def sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _fused_glue(g: pattern.Graph, value: str, kinds: list[str]) -> list[str]:
+    """The ONNX nodes after a block's output that its kernel absorbed (`kinds`, in order:
+    BatchNormalization, Mul, Add, Relu), so the report does not list them as float ops."""
+    names = []
+    for kind in kinds:
+        users = [u for u in g.consumers(value) if u.op == kind]
+        if len(users) != 1:
+            break
+        names.append(users[0].name)
+        value = users[0].outputs[0]
+    return names
+
+
 def _report(proto: onnx.ModelProto, model_name: str, spec: targets.TargetSpec,
             onnx_match: tuple[list[pattern.ABCBlock], list[pattern.Miss]],
             relax_blocks: list, relax_misses: list[pattern.Miss]) -> Report:
@@ -133,11 +146,14 @@ def _report(proto: onnx.ModelProto, model_name: str, spec: targets.TargetSpec,
     pairs = list(zip(onnx_blocks, relax_blocks, strict=False))
     same = len(onnx_blocks) == len(relax_blocks) and all(
         o.bases.shape == r.block.bases.shape and o.N == r.block.N for o, r in pairs)
+    graph = pattern.from_onnx(proto) if same else None
     for i, r in enumerate(relax_blocks):
         blk = onnx_blocks[i] if same else r.block
-        covered.update(blk.ops if same else [])
+        fused = _fused_glue(graph, blk.output, r.glue) if same else []
+        covered.update([*blk.ops, *fused] if same else [])
         report.abc_layers.append({**r.block.summary(), "name": blk.name,
-                                  "kernel_impl": r.kernel, "word_bits": spec.word_bits})
+                                  "kernel_impl": r.kernel, "word_bits": spec.word_bits,
+                                  "fused_ops": fused})
     reasons = {m.name: m.reason for m in onnx_misses}
     reasons.update({m.name: m.reason for m in relax_misses})
     rewritten = {b.name for b in onnx_blocks} if same else set()
