@@ -8,29 +8,17 @@ a deep TVM traceback.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import onnx
 import tvm
 from tvm.relax.frontend.onnx import from_onnx
 
 from abc_tvm.errors import UserError
+from abc_tvm.runtime import TensorInfo  # the manifest's entries: one definition
 
 MIN_OPSET = 13
 MAX_OPSET = 21
 DTYPES = {onnx.TensorProto.FLOAT: "float32"}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Name, static shape and dtype of a model input or output (the manifest's entries)."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-    def as_dict(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
 
 def load(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:

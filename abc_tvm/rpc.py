@@ -33,7 +33,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.builder import BuilderInput, BuilderResult, PyBuilder
 from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, RPCConfig, RPCRunner
 
-from abc_tvm import targets
+from abc_tvm import _inspect_fix, targets
 from abc_tvm.errors import UserError
 
 LOOPBACK = "127.0.0.1"
@@ -90,7 +90,7 @@ def rpc_runner(tracker: str, key: str, *, number: int = 3, repeat: int = 1,
     evaluator = EvaluatorConfig(number=number, repeat=repeat, min_repeat_ms=min_repeat_ms,
                                 enable_cpu_cache_flush=False)
     return RPCRunner(rpc_config=config, evaluator_config=evaluator,
-                     max_workers=max_workers or servers)
+                     max_workers=max_workers or servers, initializer=_inspect_fix.install)
 
 
 def export_aarch64(mod: tvm.runtime.Module) -> str:
@@ -144,8 +144,11 @@ def builder_for(spec: targets.TargetSpec, max_workers: int | None = None,
         return InProcessBuilder(export)
     if export is not None:
         return ms.builder.LocalBuilder(f_export=export, max_workers=max_workers,
-                                       timeout_sec=BUILD_TIMEOUT_S)
-    return ms.builder.LocalBuilder(max_workers=max_workers, timeout_sec=BUILD_TIMEOUT_S)
+                                       timeout_sec=BUILD_TIMEOUT_S,
+                                       initializer=_inspect_fix.install)
+    # The initializer: a worker otherwise spends a minute parsing TVM's tensor intrinsics.
+    return ms.builder.LocalBuilder(max_workers=max_workers, timeout_sec=BUILD_TIMEOUT_S,
+                                   initializer=_inspect_fix.install)
 
 
 @dataclass

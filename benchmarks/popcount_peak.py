@@ -3,7 +3,8 @@
 Why a kernel of our own: the "% of peak" figures of `abc-tvm bench` need a ceiling that was
 measured on the same core, with the same compiler (TVM's LLVM) and the same instruction mix as
 the ABC conv's hot loop (`schedules/cpu.py`): a 64-bit activation word broadcast, ANDed with a
-vector of 8 weight words, VPOPCNTQ, VPADDQ into a register accumulator.
+vector of 8 weight words, VPOPCNTQ, VPADDQ into a register accumulator (on a CPU without
+AVX-512 VPOPCNTDQ, LLVM's AVX2 fallback: the VPSHUFB nibble table and VPSADBW).
 
 Shape of the kernel, per thread p (the outer loop is parallel, so T threads measure T cores):
 
@@ -82,9 +83,18 @@ def peak_func(threads: int, reps: int):
     return sch.mod["main"].with_attr("global_symbol", "popcount_peak")
 
 
+# Without AVX-512 VPOPCNTDQ, LLVM lowers a vector popcount to the nibble table (Mula's
+# algorithm): VPSHUFB looks up two 4-bit counts per byte, VPSADBW sums the bytes per lane.
+NIBBLE_TABLE = "vpshufb+vpsadbw"
+
+
 def popcount_mnemonics(asm: str) -> list[str]:
-    """The distinct popcount instructions in x86 asm text (vpopcntq/vpopcntd/popcnt...)."""
-    return sorted(set(re.findall(r"\b(v?popcnt[a-z]*)\b", asm)))
+    """How x86 asm text counts bits: popcount instructions (vpopcntq/vpopcntd/popcnt...),
+    else the AVX2 nibble-table sequence (`NIBBLE_TABLE`), else nothing."""
+    found = sorted(set(re.findall(r"\b(v?popcnt[a-z]*)\b", asm)))
+    if not found and re.search(r"\bvpshufb\b", asm) and re.search(r"\bvpsadbw\b", asm):
+        found = [NIBBLE_TABLE]
+    return found
 
 
 def measure_peak(threads: int = 1, reps: int = 1024, repeat: int = 7,

@@ -18,6 +18,7 @@ import onnx_builders as ob
 import pytest
 import tvm
 import tvm_ffi
+from design_spaces import sampled_and_fixed
 from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
@@ -95,7 +96,7 @@ def _record_with_last_candidates(task: ms.ExtractedTask, log: Path) -> s_tir.Sch
     mod = task.dispatched[0]
     ctx = ms.TuneContext(mod=mod, target=SPEC.target, space_generator="post-order-apply",
                          task_name=task.task_name, num_threads=1)
-    space, _ = ctx.generate_design_space()
+    space, _ = sampled_and_fixed(ctx.generate_design_space())
     knobs = [i for i in space.trace.insts if i.kind.name == "SampleCategorical"]
     assert any(len(i.attrs[0]) > 1 for i in knobs), "no knob with a choice: nothing to tune"
     trace = s_tir.schedule.Trace(space.trace.insts, {i: len(i.attrs[0]) - 1 for i in knobs})
