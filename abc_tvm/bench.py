@@ -1155,11 +1155,12 @@ def targets(results: dict) -> list[list[str]]:
 
 
 def _wrong_topi_note(results: dict) -> str:
-    """Where tuned TOPI records computed a wrong result, say how many were skipped."""
+    """How many TOPI builds (unscheduled or tuned records) computed a wrong result."""
     wrong = sum(int(r.get(key, {}).get("wrong_records_skipped", 0))
                 for run in results["runs"].values() for r in run.get("layers", [])
                 for key in ("topi_untuned", "topi_tuned"))
     return f"; {wrong} wrong build(s) in this run" if wrong else "; none was wrong in this run"
+
 
 def doc_section(results: dict, doc_path: Path | None, plot: Path | None) -> str:
     """The Markdown '## x86' section: setup, command, tables, targets."""
@@ -1226,8 +1227,9 @@ def doc_section(results: dict, doc_path: Path | None, plot: Path | None) -> str:
              f"unscheduled PrimFunc, \"tuned\" is MetaSchedule `tune_tir` with {meta['trials']} "
              f"trials per layer ({meta['search']}), tuned for "
              f"{', '.join(meta['topi_tuned']) or 'no'} M×N; the tuned time is that of the "
-             "fastest of its 5 best records whose output equals a NumPy reference (every TOPI "
-             "build is checked; a wrong one is reported, not timed)"
+             f"fastest of its {load_benchmark('topi_bitserial').TUNED_CANDIDATES} best records "
+             "whose output equals a NumPy reference (every TOPI build is checked; a wrong one "
+             "is reported, not timed)"
              f"{_wrong_topi_note(results)}.",
              ""]
     if plot is not None and Path(plot).is_file():

@@ -151,6 +151,11 @@ def builder_for(spec: targets.TargetSpec, max_workers: int | None = None,
                                    initializer=_inspect_fix.install)
 
 
+def local_runner() -> ms.runner.Runner:
+    """MetaSchedule's runner on this host (its worker gets the same initializer)."""
+    return ms.runner.LocalRunner(initializer=_inspect_fix.install)
+
+
 @dataclass
 class Measurement:
     """One remote run: the outputs it wrote and the time_evaluator statistics."""

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from abc_tvm import _inspect_fix, frontend, targets
+from abc_tvm import frontend, targets
 from abc_tvm.errors import UserError
 from abc_tvm.relay_passes.abc_rewrite import rewrite
 
@@ -138,7 +138,7 @@ def tune_model(model: str | os.PathLike, target: str, trials: int, log_dir: str 
     from abc_tvm import rpc
 
     builder = rpc.builder_for(spec)  # (cross-)linking, with a build timeout ABC kernels fit
-    runner: ms.runner.Runner = ms.runner.LocalRunner(initializer=_inspect_fix.install)
+    runner = None  # local: started just before tuning (its worker takes seconds to start)
     if rpc_tracker:
         runner = rpc.rpc_runner(rpc_tracker, rpc_key or "")
     elif not spec.runs_on_host:
@@ -166,6 +166,8 @@ def tune_model(model: str | os.PathLike, target: str, trials: int, log_dir: str 
         extracted, str(log_dir), num_threads="physical")
     if not contexts:
         raise UserError("the model has no tunable task")
+    if runner is None:
+        runner = rpc.local_runner()
     with tqdm(total=remaining, desc=f"tuning {len(contexts)} tasks", unit="trial",
               disable=quiet) as bar:
         progress = _Progress(bar, [float(w) for w in weights])

@@ -183,6 +183,11 @@ def tune(layer: Layer, M: int, N: int, trials: int, work_dir: str | os.PathLike,
     return records(work_dir)
 
 
+def _valid(run_secs) -> bool:
+    """Whether a record's run times are real: a failed candidate is stored with 1e10 s."""
+    return bool(run_secs) and all(float(t) < 1e9 for t in run_secs)
+
+
 def records(work_dir: str | os.PathLike) -> int:
     """Valid (built and run) tuning records in a MetaSchedule JSON database directory.
 
@@ -201,27 +206,24 @@ def records(work_dir: str | os.PathLike) -> int:
             run_secs = json.loads(line)[1][1]
         except (ValueError, IndexError, TypeError):
             continue
-        if run_secs and all(float(t) < 1e9 for t in run_secs):
+        if _valid(run_secs):
             valid += 1
     return valid
 
 
-def build(layer: Layer, M: int, N: int, target, work_dir: str | os.PathLike | None = None,  # noqa: N803
-          pack_dtype: str = "uint64"):
-    """Compile TOPI's layer: unscheduled (work_dir None) or with the database's best schedule.
-
-    Returns the runtime module, or None when the database has no valid record for it.
-    """
+def build(layer: Layer, M: int, N: int, target, pack_dtype: str = "uint64"):  # noqa: N803
+    """Compile TOPI's unscheduled layer (the tuned ones: `tuned_builds`)."""
     import tvm
 
-    if work_dir is None:
-        func = topi_func(layer, M, N, pack_dtype)
-        return tvm.compile(tvm.IRModule({"main": func}), target=target).mod
-    return next(tuned_builds(layer, M, N, target, work_dir, 1, pack_dtype), None)
+    func = topi_func(layer, M, N, pack_dtype)
+    return tvm.compile(tvm.IRModule({"main": func}), target=target).mod
+
+
+TUNED_CANDIDATES = 5  # tuned records tried, fastest first, until one computes the right answer
 
 
 def tuned_builds(layer: Layer, M: int, N: int, target, work_dir: str | os.PathLike,  # noqa: N803
-                 k: int = 5, pack_dtype: str = "uint64"):
+                 k: int = TUNED_CANDIDATES, pack_dtype: str = "uint64"):
     """The runtime modules of the database's `k` fastest valid records, fastest first.
 
     Why more than one: TOPI bitserial builds were seen computing wrong answers on Zen 3 (the
@@ -240,12 +242,11 @@ def tuned_builds(layer: Layer, M: int, N: int, target, work_dir: str | os.PathLi
     if not db.has_workload(mod):
         return
     for record in db.get_top_k(db.commit_workload(mod), k):
-        if not record.run_secs or float(record.run_secs[0]) >= 1e9:  # failed candidates
+        if not _valid(record.run_secs):
             continue
         sch = s_tir.Schedule(mod)
         record.trace.apply_to_schedule(sch, remove_postproc=False)
-        with tuning_target(target):
-            yield tvm.compile(sch.mod, target=target).mod
+        yield tvm.compile(sch.mod, target=target).mod
 
 
 def main() -> None:

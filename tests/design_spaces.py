@@ -9,14 +9,15 @@ from __future__ import annotations
 from tvm import s_tir
 
 
-def _draws(sch: s_tir.Schedule) -> list:
+def knob_draws(sch: s_tir.Schedule) -> list:
+    """The SampleCategorical instructions of a schedule's trace: its tunable knobs."""
     return [i for i in sch.trace.insts if i.kind.name == "SampleCategorical"]
 
 
 def sampled_and_fixed(spaces: list[s_tir.Schedule]) -> tuple[s_tir.Schedule, s_tir.Schedule]:
     """(the space whose knobs are drawn, the default with none drawn); asserts there are both."""
-    sampled = [s for s in spaces if _draws(s)]
-    fixed = [s for s in spaces if not _draws(s)]
+    sampled = [s for s in spaces if knob_draws(s)]
+    fixed = [s for s in spaces if not knob_draws(s)]
     assert len(spaces) == 2 and len(sampled) == 1 and len(fixed) == 1, (
         f"expected one space with knob draws and one without, got {len(sampled)} and "
         f"{len(fixed)} of {len(spaces)}")

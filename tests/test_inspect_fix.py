@@ -28,4 +28,3 @@ def test_shortcut_matches_inspect():
     for obj, filename in _objects():
         assert _inspect_fix._getmodule(obj, filename) is _inspect_fix._original(obj, filename), (
             obj, filename)
-

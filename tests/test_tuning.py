@@ -18,7 +18,7 @@ import onnx_builders as ob
 import pytest
 import tvm
 import tvm_ffi
-from design_spaces import sampled_and_fixed
+from design_spaces import knob_draws, sampled_and_fixed
 from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
@@ -97,7 +97,7 @@ def _record_with_last_candidates(task: ms.ExtractedTask, log: Path) -> s_tir.Sch
     ctx = ms.TuneContext(mod=mod, target=SPEC.target, space_generator="post-order-apply",
                          task_name=task.task_name, num_threads=1)
     space, _ = sampled_and_fixed(ctx.generate_design_space())
-    knobs = [i for i in space.trace.insts if i.kind.name == "SampleCategorical"]
+    knobs = knob_draws(space)
     assert any(len(i.attrs[0]) > 1 for i in knobs), "no knob with a choice: nothing to tune"
     trace = s_tir.schedule.Trace(space.trace.insts, {i: len(i.attrs[0]) - 1 for i in knobs})
     sch = s_tir.Schedule(mod)
