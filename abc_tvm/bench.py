@@ -1162,13 +1162,29 @@ def _wrong_topi_note(results: dict) -> str:
     return f"; {wrong} wrong build(s) in this run" if wrong else "; none was wrong in this run"
 
 
+def section_title(results: dict) -> str:
+    """The doc section a run writes: one per CPU model (`## x86: znver5`), so that runs on
+    CPUs with and without AVX-512 VPOPCNTDQ keep their figures side by side."""
+    return f"## x86: {_mcpu(results)}"
+
+
+def _peak_kernel_note(results: dict) -> str:
+    """How the peak kernel counted bits on this CPU (its asm, as `measure_peak` found it)."""
+    insns = sorted({i for run in results.get("runs", {}).values()
+                    for i in run.get("peak", {}).get("popcount_insns", [])})
+    how = ", ".join(insns) or "unknown"
+    if "vpopcntq" in insns:
+        return f"{how}: a 4×4-zmm register tile, 16 VPOPCNTQ per 8 loads"
+    return f"{how}: LLVM's popcount without AVX-512 VPOPCNTDQ (nibble table, byte sums)"
+
+
 def doc_section(results: dict, doc_path: Path | None, plot: Path | None) -> str:
-    """The Markdown '## x86' section: setup, command, tables, targets."""
+    """The Markdown '## x86: <cpu>' section: setup, command, tables, targets."""
     meta = results["meta"]
     mach = meta["machine"]
     size = meta["image_size"]
     pretty = "ABC-ResNet-18" if meta["arch"] == "abc_resnet18" else "ABC-ResNet-20 (--quick)"
-    lines = ["## x86", "",
+    lines = [section_title(results), "",
              f"Latest run: {meta['date']}, {meta['wall_s'] / 60:.1f} min wall time, "
              f"produced by", "", "```sh", meta["command"], "```", "",
              f"- Machine: {mach['cpu']}, {mach['cores']} cores visible, AVX-512 VPOPCNTDQ "
@@ -1207,10 +1223,10 @@ def doc_section(results: dict, doc_path: Path | None, plot: Path | None) -> str:
              "ORT's, or a different top-1 class.",
              "- Bit-ops: one bit-op is one bit pair through AND + popcount + accumulate (one "
              "binary multiply-accumulate). A layer does B·OH·OW·O·C·KH·KW·M·N of them; the "
-             "peak is `benchmarks/popcount_peak.py`: a TVM kernel doing AND + VPOPCNTQ + VPADDQ "
-             "over L1-resident words with a 4×4-zmm register tile (16 VPOPCNTQ per 8 loads), "
-             "bit-ops/s = 64 × words/s. \"% of peak\" = layer bit-ops/s ÷ peak at the same "
-             "thread count.",
+             "peak is `benchmarks/popcount_peak.py`: a TVM kernel doing AND + popcount + add "
+             "over L1-resident words, the popcount as LLVM emits it for this CPU ("
+             f"{_peak_kernel_note(results)}), bit-ops/s = 64 × words/s. \"% of peak\" = layer "
+             "bit-ops/s ÷ peak at the same thread count.",
              "- Binary layers are timed two ways. **In model**: every ABC kernel call of the "
              "compiled model, timed by a Relax VM instrument (best of the runs, per instance, "
              "in model order; a bit-pack call is added to the conv it feeds); these kernels "
@@ -1284,17 +1300,24 @@ def _tuning_note(results: dict, names: list[str] | None) -> str:
 
 
 def write_doc(path: Path, section: str) -> None:
-    """Replace (or insert first) the '## x86' section of `path`, keeping every other section."""
+    """Replace the section of `path` that has the title of `section` (its first line), keeping
+    every other section; a new one goes after the last x86 section, else first."""
     text = path.read_text() if path.is_file() else ""
     lines = text.splitlines()
     if not lines or not lines[0].startswith("# "):
         lines = ["# Benchmarks", "", *lines]
-    start = next((i for i, line in enumerate(lines) if line.strip() == "## x86"), None)
+    title = section.splitlines()[0].strip()
+    start = next((i for i, line in enumerate(lines) if line.strip() == title), None)
     if start is None:
-        body = lines[1:]
+        x86 = [i for i, line in enumerate(lines) if line.startswith("## x86")]
+        at = next((j for j in range(x86[-1] + 1, len(lines)) if lines[j].startswith("## ")),
+                  len(lines)) if x86 else 1
+        head, body = lines[:at], lines[at:]
         while body and not body[0].strip():
             body = body[1:]
-        new = [lines[0], "", *section.rstrip("\n").splitlines(), "", *body]
+        while len(head) > 1 and not head[-1].strip():
+            head = head[:-1]
+        new = [*head, "", *section.rstrip("\n").splitlines(), *([""] if body else []), *body]
     else:
         end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")),
                    len(lines))
@@ -1374,7 +1397,7 @@ def report(results: dict, cfg: Config) -> str:
         text += f"\nwrote {cfg.plot} and {cfg.plot.with_suffix('.json')}"
     if cfg.doc is not None:
         write_doc(cfg.doc, doc_section(results, cfg.doc, cfg.plot))
-        text += f"\nwrote section '## x86' of {cfg.doc}"
+        text += f"\nwrote section '{section_title(results)}' of {cfg.doc}"
     text += f"\nresults: {cfg.work_dir / 'results.json'} ({results['meta']['wall_s'] / 60:.1f} min)"
     for e in all_errors(results):
         text += f"\nerror: {e}"

@@ -29,8 +29,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="cache of exports, compiled models and tuning databases; results.json")
     p.add_argument("--plot", type=Path, default=None, help="write a bar chart (PNG) here")
     p.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"),
-                   help="Markdown file whose '## x86' section is rewritten (default: "
-                        "docs/benchmarks.md)")
+                   help="Markdown file whose section of this CPU ('## x86: <mcpu>') is rewritten "
+                        "(default: docs/benchmarks.md)")
     p.add_argument("--no-doc", action="store_true", help="do not write the Markdown section")
     p.add_argument("--tuning-log", type=Path, default=None,
                    help="MetaSchedule database dir passed to compile for the whole models "

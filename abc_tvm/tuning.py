@@ -168,8 +168,9 @@ def tune_model(model: str | os.PathLike, target: str, trials: int, log_dir: str 
         raise UserError("the model has no tunable task")
     if runner is None:
         runner = rpc.local_runner()
-    with tqdm(total=remaining, desc=f"tuning {len(contexts)} tasks", unit="trial",
-              disable=quiet) as bar:
+    # The target in scope sizes the custom rules' default tiles (its register file).
+    with spec.target, tqdm(total=remaining, desc=f"tuning {len(contexts)} tasks",
+                           unit="trial", disable=quiet) as bar:
         progress = _Progress(bar, [float(w) for w in weights])
         ms.tune.tune_tasks(
             tasks=contexts, task_weights=weights, work_dir=str(log_dir),

@@ -184,7 +184,8 @@ def _conv_func(
         special = own(geo, bipolar, fused)
         tunable = special if special is not None else _tunable(func, compute.CONV)
         return _finish(tunable, name, scheduled=False)
-    func = _schedules(target).schedule_conv(func, geo, fused=fused)
+    with target:  # the schedule sizes its register tile to the target's registers
+        func = _schedules(target).schedule_conv(func, geo, fused=fused)
     return _finish(func, name)
 
 

@@ -8,10 +8,10 @@ vectorised. MetaSchedule tuning (`abc-tvm tune`) replaces it where a record exis
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import tvm
 from tvm import s_tir, tirx
+
+from ._util import SIMD, simd_of
 
 VECTOR_MAX = 16  # innermost extent above which we split before vectorising
 
@@ -62,36 +62,11 @@ MAX_VECTORS = 2  # weight vectors per tile: more costs pixels, and pixels reuse 
 UNROLL = 16  # auto-unroll budget of the reduction: unrolls a short channel loop (stem: 3)
 
 
-@dataclass(frozen=True)
-class RegisterFile:
-    """What the accumulator tile may use: fp32 lanes per vector register and how many
-    registers of accumulators (the rest hold weights, the broadcast input and addresses)."""
-
-    lanes: int
-    accumulators: int
-
-
-# 32 registers: 14 accumulators, measured on Zen 5 (2 x 7 zmm beats wider tiles).
-# 16 registers: 8, measured on Zen 3 (ABC-ResNet-18 stem: 2 x 4 ymm 3.5 ms, 2 x 7 ymm 5.8 ms).
-AVX512 = RegisterFile(lanes=16, accumulators=14)
-AVX2 = RegisterFile(lanes=8, accumulators=8)
-NEON_AARCH64 = RegisterFile(lanes=4, accumulators=14)  # 32 q registers, as AVX-512
-NEON_ARMV7 = RegisterFile(lanes=4, accumulators=8)  # 16 q registers, as AVX2
-
-
-def register_file(target: tvm.target.Target | None) -> RegisterFile:
-    """The SIMD register file of an LLVM target (the host's when no target is given)."""
-    from tvm.target import codegen
-
-    target = target or tvm.target.Target.from_device("cpu")
-    triple = str(target.attrs.get("mtriple", ""))
-    if triple.startswith("aarch64"):
-        return NEON_AARCH64
-    if triple.startswith("arm"):
-        return NEON_ARMV7
-    if codegen.target_has_features("avx512f", target):
-        return AVX512
-    return AVX2
+def accumulators(simd: SIMD) -> int:
+    """Accumulator registers of the tile; the rest hold weights, the broadcast input and
+    addresses. 32 registers: 14, measured on Zen 5 (2 x 7 zmm beats wider tiles); 16: 8,
+    measured on Zen 3 (ABC-ResNet-18 stem: 2 x 4 ymm 3.5 ms, 2 x 7 ymm 5.8 ms)."""
+    return 14 if simd.registers >= 32 else 8
 
 
 def _spatial_reduce(sch: s_tir.Schedule, block: s_tir.SBlockRV):
@@ -114,22 +89,23 @@ def _divisor(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
-def _tile_shape(channels: int, pixels: int, regs: RegisterFile) -> tuple[int, int, int]:
-    """(vector lanes, vectors, pixels) of the accumulator tile: at most `regs.accumulators`
+def _tile_shape(channels: int, pixels: int, simd: SIMD) -> tuple[int, int, int]:
+    """(vector lanes, vectors, pixels) of the accumulator tile: at most `accumulators(simd)`
     registers, at most MAX_VECTORS of them across channels, as many pixels as divide."""
-    vec = next((v for v in (regs.lanes, 8, 4) if v <= regs.lanes and channels % v == 0), 1)
+    lanes, budget = simd.fp32_lanes, accumulators(simd)
+    vec = next((v for v in (lanes, 8, 4) if v <= lanes and channels % v == 0), 1)
     vectors_max = channels // vec
     best = (1, 1)
     for r in range(1, min(vectors_max, MAX_VECTORS) + 1):
         if vectors_max % r:
             continue
-        px = _divisor(pixels, max(1, regs.accumulators // r))
+        px = _divisor(pixels, max(1, budget // r))
         if (r * px, r) > (best[0] * best[1], best[0]):
             best = (r, px)
     return vec, best[0], best[1]
 
 
-def _tiled_reduction(sch: s_tir.Schedule, regs: RegisterFile) -> bool:
+def _tiled_reduction(sch: s_tir.Schedule, simd: SIMD) -> bool:
     """Register-tile the one heavy reduction block of a function (conv, dense); False if the
     function does not have that shape (the caller then uses the simple schedule)."""
     root = sch.get_sblock("root")
@@ -162,7 +138,7 @@ def _tiled_reduction(sch: s_tir.Schedule, regs: RegisterFile) -> bool:
             return False
     spatial, reduce_ = _spatial_reduce(sch, red)
     pixels = _extent(sch, spatial[-2])
-    vec, r, px = _tile_shape(channels, pixels, regs)
+    vec, r, px = _tile_shape(channels, pixels, simd)
     co, cr, ci = sch.split(spatial[-1], [None, r, vec])
     xo, xi = sch.split(spatial[-2], [None, px])
     outer = spatial[:-2]
@@ -201,7 +177,7 @@ def schedule_func(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFu
     if _has_root(s_tir.Schedule(func)):
         trial = s_tir.Schedule(func)
         try:
-            if _tiled_reduction(trial, register_file(target)):
+            if _tiled_reduction(trial, simd_of(target)):
                 return trial.mod["main"].with_attr("tirx.is_scheduled", True)
         except Exception:  # noqa: BLE001 - fall back to the simple schedule below
             pass

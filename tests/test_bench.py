@@ -85,6 +85,18 @@ def test_doc_section_replaces_x86_and_keeps_other_sections(tmp_path):
     assert new.read_text() == "# Benchmarks\n\n## x86\n\nonly\n"
 
 
+def test_doc_keeps_one_section_per_cpu(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## x86: znver5\n\nzen 5\n\n## ARM\n\narm text\n")
+    bench.write_doc(doc, "## x86: znver3\n\nzen 3\n")
+    bench.write_doc(doc, "## x86: znver3\n\nzen 3 again\n")
+    text = doc.read_text()
+    assert text == ("# Benchmarks\n\n## x86: znver5\n\nzen 5\n\n## x86: znver3\n\nzen 3 again\n"
+                    "\n## ARM\n\narm text\n")
+    assert bench.section_title({"runs": {"1": {"peak": {"target": json.dumps(
+        {"kind": "llvm", "mcpu": "znver3"})}}}}) == "## x86: znver3"
+
+
 def test_quick_bench_writes_doc_plot_and_json_with_every_peer(tmp_path):
     doc, plot = tmp_path / "benchmarks.md", tmp_path / "p.png"
     doc.write_text("# Benchmarks\n\n## Serving\n\nkeep me\n")
@@ -120,8 +132,8 @@ def test_quick_bench_writes_doc_plot_and_json_with_every_peer(tmp_path):
                 assert entry["best_ms"] > 0 and entry["correct"], (key, entry)
 
     text = doc.read_text()
-    assert text.startswith("# Benchmarks\n\n## x86\n")
-    assert "keep me" in text and text.index("## x86") < text.index("## Serving")
+    assert text.startswith(f"# Benchmarks\n\n{bench.section_title(results)}\n")
+    assert "keep me" in text and text.index("## x86: ") < text.index("## Serving")
     for needle in ("python -m abc_tvm.bench --quick", "ONNX Runtime fp32", "PyTorch eager fp32",
                    "TVM fp32", "abc-tvm ABC-ResNet-20 M=1 N=1", "TOPI tuned", "% of peak",
                    "Popcount peak", results["meta"]["machine"]["cpu"]):

@@ -14,39 +14,56 @@ import pytest
 import tvm
 from tvm import te, topi
 
+from abc_tvm.schedules import _util as simd
+from abc_tvm.schedules import cpu
 from abc_tvm.schedules import float_default as fd
 
 TARGETS = {
-    "znver5": (tvm.target.Target({"kind": "llvm", "mcpu": "znver5"}), fd.AVX512),
-    "znver3": (tvm.target.Target({"kind": "llvm", "mcpu": "znver3"}), fd.AVX2),
+    "znver5": (tvm.target.Target({"kind": "llvm", "mcpu": "znver5"}), simd.AVX512),
+    "znver3": (tvm.target.Target({"kind": "llvm", "mcpu": "znver3"}), simd.AVX2),
     "aarch64": (tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu",
-                                   "mattr": ["+neon"]}), fd.NEON_AARCH64),
+                                   "mattr": ["+neon"]}), simd.NEON_A64),
     "armv7": (tvm.target.Target({"kind": "llvm", "mtriple": "armv7a-linux-gnueabihf",
-                                 "mattr": ["+neon"]}), fd.NEON_ARMV7),
+                                 "mattr": ["+neon"]}), simd.NEON_A32),
 }
 
 
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_register_file_follows_the_target(name):
     target, expected = TARGETS[name]
-    assert fd.register_file(target) == expected
+    assert simd.simd_of(target) == expected
+    with target:  # the target in scope, as the compile pipeline sets it
+        assert simd.simd_of() == expected
 
 
-@pytest.mark.parametrize(("regs", "tile"), [
-    (fd.AVX512, (16, 2, 7)),  # the Zen 5 measurement: 2 x 7 zmm
-    (fd.AVX2, (8, 2, 4)),  # the Zen 3 one: 2 x 4 ymm
-    (fd.NEON_AARCH64, (4, 2, 7)),
+@pytest.mark.parametrize(("isa", "tile"), [
+    (simd.AVX512, (16, 2, 7)),  # the Zen 5 measurement: 2 x 7 zmm
+    (simd.AVX2, (8, 2, 4)),  # the Zen 3 one: 2 x 4 ymm
+    (simd.NEON_A64, (4, 2, 7)),
+    (simd.NEON_A32, (4, 2, 4)),
 ])
-def test_stem_tile_fits_the_registers(regs, tile):
-    vec, r, px = fd._tile_shape(64, 112, regs)  # the stem: 64 channels, 112 output pixels
+def test_stem_tile_fits_the_registers(isa, tile):
+    vec, r, px = fd._tile_shape(64, 112, isa)  # the stem: 64 channels, 112 output pixels
     assert (vec, r, px) == tile
-    assert vec <= regs.lanes and r * px <= regs.accumulators
+    assert vec == isa.fp32_lanes and r * px + r + 1 <= isa.registers  # + weights, input
 
 
 def test_tile_divides_odd_shapes():
     # 1000 classes (dense head): not a multiple of 16 lanes; 7 pixels: prime
-    vec, r, px = fd._tile_shape(1000, 7, fd.AVX512)
-    assert 1000 % (vec * r) == 0 and 7 % px == 0 and r * px <= fd.AVX512.accumulators
+    vec, r, px = fd._tile_shape(1000, 7, simd.AVX512)
+    assert 1000 % (vec * r) == 0 and 7 % px == 0 and r * px <= fd.accumulators(simd.AVX512)
+
+
+def test_abc_conv_tile_follows_the_register_file():
+    """The ABC conv's default pixels: N * pixels accumulators of 8-word vectors (2 ymm each
+    on AVX2) within the budget of the target's registers."""
+    from abc_tvm.schedules import _geometry
+
+    geo = _geometry(1, 64, 56, 56, 64, 3, 1, 1, 3, 3, 64)  # ResNet-18 64->64, M = N = 3
+    assert cpu.conv_candidates(geo, simd.AVX512)["pixels"][0] == 8
+    assert cpu.conv_candidates(geo, simd.AVX2)["pixels"][0] == 4
+    with TARGETS["znver3"][0]:
+        assert cpu.default_conv_knobs(geo).pixels == 4
 
 
 def _stem(h: int, w: int, cin: int, cout: int, k: int, stride: int):
@@ -71,12 +88,11 @@ def _numpy_stem(x, wt, b, stride):
     return np.maximum(out + b, 0)
 
 
-@pytest.mark.parametrize("regs", [fd.AVX512, fd.AVX2, fd.NEON_AARCH64],
-                         ids=["avx512", "avx2", "neon"])
-def test_tiled_stem_matches_numpy(regs):
+@pytest.mark.parametrize("isa", [simd.AVX512, simd.AVX2, simd.NEON_A64], ids=lambda i: i.name)
+def test_tiled_stem_matches_numpy(isa):
     func = _stem(h=20, w=28, cin=3, cout=32, k=7, stride=2)
     sch = tvm.s_tir.Schedule(func)
-    assert fd._tiled_reduction(sch, regs), "the conv was not register-tiled"
+    assert fd._tiled_reduction(sch, isa), "the conv was not register-tiled"
     host = tvm.target.Target.from_device("cpu")
     lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target=host)
     rng = np.random.default_rng(0)
