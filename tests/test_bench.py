@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from host import cpu_flags
 
 from abc_tvm import bench
 from abc_tvm.bench_args import add_bench_arguments
@@ -24,19 +25,12 @@ def _args(*argv: str) -> argparse.Namespace:
     return p.parse_args(list(argv))
 
 
-def _cpu_flags() -> set[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 def test_popcount_peak_is_positive_and_uses_popcount_instructions():
     peak = bench.load_benchmark("popcount_peak")
     res = peak.measure_peak(threads=1, reps=64, repeat=2, min_repeat_ms=5)
     assert res.gbitops_per_s > 0 and res.seconds_per_call > 0
     assert res.popcount_insns, "the kernel's asm counts bits neither with popcnt nor vpshufb"
-    if "avx512_vpopcntdq" in _cpu_flags():
+    if "avx512_vpopcntdq" in cpu_flags():
         assert res.vpopcntq, res.popcount_insns
 
 

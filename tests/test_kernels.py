@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import tvm
 from design_spaces import sampled_and_fixed
+from host import cpu_flags
 from tvm import relax
 
 from abc_tvm import reference as ref
@@ -663,17 +664,6 @@ def test_popcount_peak_kernel_counts():
     np.testing.assert_array_equal(got, ref.popcount(a[None, None] & w[:, :, None]).sum(-1))
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 def test_x86_uses_hardware_popcount():
     """popcount must become vpopcntq where the CPU has AVX-512 VPOPCNTDQ; elsewhere popcnt or
     the AVX2 vector fallback (VPSHUFB nibble table + VPSADBW), never a shift-and-mask chain."""
@@ -681,7 +671,7 @@ def test_x86_uses_hardware_popcount():
         pytest.skip(f"host target is not x86_64: {HOST}")
     ex = tvm.compile(schedules.abc_conv_func(*CASES[0].args, target=HOST), target=HOST)
     found = load_benchmark("popcount_peak").popcount_mnemonics(ex.mod.inspect_source("asm"))
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if "avx512_vpopcntdq" in flags:
         assert "vpopcntq" in found, found
     elif "avx2" in flags:
