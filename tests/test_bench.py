@@ -34,6 +34,31 @@ def test_popcount_peak_is_positive_and_uses_popcount_instructions():
         assert res.vpopcntq, res.popcount_insns
 
 
+@pytest.mark.skipif("avx2" not in cpu_flags(), reason="the byte-counter kernel is AVX2 (VPSADBW)")
+def test_byte_counter_popcount_is_exact_up_to_the_byte_limit():
+    """31 all-ones words put 248 in every byte counter (the most it may hold); random words
+    must match NumPy too; a longer round would overflow a byte and is refused."""
+    import numpy as np
+    import tvm
+
+    mod = bench.load_benchmark("popcount_bytes")
+    rng = np.random.default_rng(3)
+    ones = np.full((2, 62, 2), 2**64 - 1, np.uint64)
+    cases = [(ones, np.full((62, 8), 2**64 - 1, np.uint64)),
+             (rng.integers(0, 2**63, (2, 62, 2), dtype=np.uint64),
+              rng.integers(0, 2**63, (62, 8), dtype=np.uint64))]
+    host = tvm.target.Target.from_device("cpu")
+    for func in mod.kernels(rows=2, cols=8, words=62, reps=2):
+        lib = tvm.compile(tvm.IRModule({"main": func}), target=host)
+        for a, b in cases:
+            out = tvm.runtime.tensor(np.zeros((2, 8), np.uint64))
+            lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b), out)
+            np.testing.assert_array_equal(out.numpy(), mod.reference(a, b))
+    assert int(mod.reference(*cases[0])[0, 0]) == 2 * 62 * 64
+    with pytest.raises(ValueError, match="byte counter"):
+        mod.kernels(rows=2, cols=8, words=64, reps=1, chunk=32)
+
+
 def test_topi_reference_reads_weights_msb_first_and_signs_them():
     """The NumPy oracle of the TOPI peer on hand-made cases: 1x1 kernel, one word of channels."""
     import numpy as np
