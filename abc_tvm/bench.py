@@ -572,8 +572,11 @@ def _profile_kernels(so: str, xpath: str, repeat: int) -> list[dict]:
 
 
 def _attach_in_model(rows: list[dict], profiles: dict[str, list[dict]], peak: float) -> None:
-    """Give each layer row the times of its instances inside the compiled model."""
+    """Give each layer row the times of its instances inside the compiled model, and both
+    kernels (standalone and in model) their % of `peak` (measured after all of them)."""
     for row in rows:
+        if peak and _ok(row.get("abc")):
+            row["abc"]["pct_peak"] = 100 * row["abc"]["gbitops"] / peak
         lay = row["layer"]
         inst = [p for p in profiles.get(f"abc{row['M']}x{row['N']}", [])
                 if (p["channels"], p["out_channels"], p["height"], p["width"], p["stride"],
@@ -623,7 +626,8 @@ def _abc_layer_kernels(layer: dict, M: int, N: int, target):  # noqa: N803
 
 
 def _measure_layers(job: dict) -> list[dict]:
-    """Per binary layer: abc-tvm's kernel, TOPI untuned and TOPI tuned, with % of peak."""
+    """Per binary layer: abc-tvm's kernel, TOPI untuned and TOPI tuned (the % of peak is
+    `_attach_in_model`'s: the peak is measured again after the layers)."""
     import numpy as np
     import tvm
 
@@ -631,7 +635,6 @@ def _measure_layers(job: dict) -> list[dict]:
     target = tvm.target.Target.from_device("cpu")
     dev = tvm.cpu()
     repeat, min_ms = job["repeat"], job["layer_repeat_ms"]
-    peak = job["peak_gbitops"]
     rows = []
 
     def timed(mod, name: str, args) -> list[float]:
@@ -653,7 +656,6 @@ def _measure_layers(job: dict) -> list[dict]:
                           "conv_best_ms": min(t_conv) * 1e3}
             best_s = row["abc"]["best_ms"] / 1e3
             row["abc"]["gbitops"] = bitops / best_s / 1e9
-            row["abc"]["pct_peak"] = 100 * bitops / best_s / 1e9 / peak if peak else None
         except Exception as e:  # noqa: BLE001 - report and go on
             row["abc"] = {"error": f"{type(e).__name__}: {e}"}
         if not topi.supported(lay):
@@ -722,7 +724,7 @@ def _job_measure(job: dict) -> dict:
     if "models" in job["parts"]:
         out["models"] = _measure_models(job)
     if "layers" in job["parts"]:
-        out["layers"] = _measure_layers({**job, "peak_gbitops": None})
+        out["layers"] = _measure_layers(job)
         profiles = {}
         for m in job["models"]:
             if m.get("so"):
@@ -735,9 +737,6 @@ def _job_measure(job: dict) -> dict:
     peak = max(peaks, key=lambda p: p.gbitops_per_s)
     out["peak"] = {**peak.as_dict(), "samples_gbitops_per_s": [p.gbitops_per_s for p in peaks]}
     if "layers" in job["parts"]:
-        for row in out["layers"]:
-            if _ok(row.get("abc")):
-                row["abc"]["pct_peak"] = 100 * row["abc"]["gbitops"] / peak.gbitops_per_s
         out["in_model"] = profiles
         _attach_in_model(out["layers"], profiles, peak.gbitops_per_s)
     return out

@@ -133,9 +133,9 @@ def _reference(a, b, reps: int):
     """NumPy result of the kernel: row r of repetition i reads a's row (r + i) % R."""
     import numpy as np
 
-    words = a[:, :, :, None] & b[:, :, None, :]  # [p, l, r', t]
-    bits = np.unpackbits(words.view(np.uint8), axis=-1).reshape(*words.shape, 64)
-    pc = bits.sum(axis=(1, -1), dtype=np.uint64)  # [p, r', t]
+    from abc_tvm.reference import popcount
+
+    pc = popcount(a[:, :, :, None] & b[:, :, None, :]).sum(axis=1).astype(np.uint64)  # [p, r', t]
     times = np.array([(reps - k + ROWS - 1) // ROWS for k in range(ROWS)], np.uint64)
     expect = np.zeros_like(pc)
     for r in range(ROWS):
