@@ -182,7 +182,7 @@ def onnx_blocks_only(blocks: list[pattern.ABCBlock]):
         # (the importer folds Mul(α, B) into one constant). float64 sums ≤ 8 terms exactly.
         weight = np.einsum("mo,mo...->o...", b.alpha.astype(np.float64), b.bases)
         return (b.bases.shape[1:], weight.astype(np.float32).tobytes(),
-                np.float32(b.shift).tobytes(), np.float32(b.beta).tobytes(), b.act)
+                b.thresholds.tobytes(), np.float32(b.beta).tobytes(), b.act)
 
     known = {key(b) for b in blocks}
     return lambda b: None if key(b) in known else "not an ABC block of the ONNX graph"

@@ -14,7 +14,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from abc_tvm.floats import least_true
+
 MAX_BASES = 8
+MAX_LEVELS = 15  # a uniform quantizer of up to 4 bits becomes up to 15 thermometer planes
 
 
 @dataclass
@@ -72,13 +75,16 @@ class ABCBlock:
     input: str  # X
     output: str  # Y, the value the rewrite replaces
     act: str  # "bipolar" | "unipolar"
-    act_form: str  # "canonical" (Sub(Mul(I, 2), 1) or I) | "sign" (Sign(Sub(H, 0.5)))
+    # "canonical" (the ABC contract's Cast(GreaterOrEqual(H, 0.5))), "sign" (Sign(h), 0 read
+    # as +1), "compare" (Cast(Compare(h, t))), "where" (Where(Compare, ±1)), "uniform" (k-level)
+    act_form: str
     clip: bool
     beta_position: str  # "after" | "before" the conv
     weight_form: str  # "stacked" | "folded-stacked" | "folded"
     bases: np.ndarray  # float32 ±1 [M, O, I, kh, kw]
     alpha: np.ndarray  # float32 [M, O]
-    shift: np.ndarray  # float32 [N], v_n
+    thresholds: np.ndarray  # float32 [N]: plane n's bit is X >= thresholds[n], exactly
+    shift: np.ndarray | None  # float32 [N], v_n, where the model wrote the ABC contract
     beta: np.ndarray  # float32 [N]
     strides: tuple[int, int]
     pads: tuple[int, int, int, int]  # top, left, bottom, right
@@ -90,7 +96,7 @@ class ABCBlock:
 
     @property
     def N(self) -> int:
-        return int(self.shift.shape[0])
+        return int(self.thresholds.shape[0])
 
     @property
     def alpha_kind(self) -> str:
@@ -105,6 +111,7 @@ class ABCBlock:
             "beta_position": self.beta_position, "in_channels": int(I),
             "out_channels": int(O), "kernel": [int(kh), int(kw)],
             "strides": list(self.strides), "pads": list(self.pads),
+            "thresholds": [float(t) for t in self.thresholds],
         }
 
 
@@ -125,8 +132,9 @@ class _Branch:
     act: str
     act_form: str
     clip: bool
-    shift: np.float32
-    beta: np.float32
+    thresholds: list[np.float32]  # one per plane: bit = x >= t
+    betas: list[np.float32]  # one per plane: the plane's weight in the sum
+    shift: np.float32 | None  # v of the ABC form [Clip](Add(X, v)) >= 0.5, else None
     beta_position: str
     out: str  # Z_n
     ops: list[str]
@@ -149,36 +157,133 @@ def _const_operand(g: Graph, op: Op) -> tuple[str, np.float32] | None:
     return None
 
 
-def _binarisation(g: Graph, h: str, ops: list[str]) -> tuple[str, np.float32, bool]:
-    """H = [Clip](Add(X, v)) → (X, v, clip present). Clip must not move the 0.5 threshold."""
-    op = g.producer(h)
-    clip = False
-    if op is not None and op.op == "Clip":
-        lo, hi = op.attrs.get("min", -np.inf), op.attrs.get("max", np.inf)
-        if not (lo < 0.5 <= hi):
-            raise _NoMatch(f"Clip({lo}, {hi}) changes the 0.5 threshold")
+@dataclass
+class _Chain:
+    """h = f(x) for a chain of float32 ops that never decrease (scalar Add/Sub, positive
+    Mul/Div, Clip), walked back from h while each op has no other reader."""
+
+    x: str
+    steps: list  # callables float32 -> float32, innermost first
+    ops: list[str]
+    clip: bool = False
+    kinds: list[tuple[str, float | None]] = field(default_factory=list)  # outermost first
+
+    def abc_shift(self, *outer: tuple[str, float | None]) -> np.float32 | None:
+        """v when the chain is `outer` then [Clip](Add(X, v)) (the ABC contract), else None."""
+        k = self.kinds
+        if tuple(k[:len(outer)]) != outer:
+            return None
+        rest = k[len(outer):]
+        if rest and rest[0][0] == "Clip":
+            rest = rest[1:]
+        return np.float32(rest[0][1]) if len(rest) == 1 and rest[0][0] == "Add" else None
+
+    def __call__(self, x: np.float32) -> np.float32:
+        for f in self.steps:
+            x = np.float32(f(x))
+        return x
+
+
+def _monotone(g: Graph, h: str) -> _Chain:
+    steps: list = []
+    ops: list[str] = []
+    clip, kinds = False, []
+    while True:
+        op = g.producer(h)
+        if op is None or len(g.consumers(h)) != 1:
+            break
+        if op.op == "Clip":
+            lo, hi = op.attrs.get("min", -np.inf), op.attrs.get("max", np.inf)
+            if np.isnan(lo) or np.isnan(hi):
+                break
+            lo, hi = np.float32(lo), np.float32(hi)
+            steps.append(lambda v, lo=lo, hi=hi: np.minimum(np.maximum(v, lo), hi))
+            clip = True
+            kinds.append(("Clip", None))
+        elif op.op in ("Add", "Sub", "Mul", "Div") and (co := _const_operand(g, op)):
+            c = np.float32(co[1])
+            if op.op == "Add":
+                steps.append(lambda v, c=c: v + c)
+            elif op.op == "Sub" and op.inputs[0] == co[0]:
+                steps.append(lambda v, c=c: v - c)
+            elif op.op == "Mul" and c > 0:
+                steps.append(lambda v, c=c: v * c)
+            elif op.op == "Div" and c > 0 and op.inputs[0] == co[0]:
+                steps.append(lambda v, c=c: v / c)
+            else:
+                break
+            kinds.append((op.op, float(c)))
+            h = co[0]
+            ops.append(op.name)
+            continue
+        else:
+            break
         ops.append(op.name)
-        clip = True
-        op = g.producer(op.inputs[0])
-    if op is None or op.op != "Add" or (co := _const_operand(g, op)) is None:
-        raise _NoMatch("activation is not Add(X, v) with a scalar constant shift v")
+        h = op.inputs[0]
+    steps.reverse()
+    return _Chain(h, steps, ops, clip, kinds)
+
+
+def _threshold(chain: _Chain, on) -> np.float32:
+    """The least float32 x with on(chain(x)), exactly; a constant binarizer is no match."""
+    t = least_true(lambda x: bool(on(chain(np.float32(x)))))
+    if t is None or not np.isfinite(t):
+        raise _NoMatch("binarizer output does not depend on its input (constant bit)")
+    return t
+
+
+_COMPARE = {"GreaterOrEqual": (np.greater_equal, True), "Greater": (np.greater, True),
+            "Less": (np.less, False), "LessOrEqual": (np.less_equal, False)}
+
+
+def _bit(g: Graph, cond: str, ops: list[str]) -> tuple[_Chain, object, bool, np.float32]:
+    """cond = Compare(h, t): (chain of h, predicate of h that is the bit's 1, whether the
+    compare is the 1 (GreaterOrEqual/Greater) or the 0 (Less/LessOrEqual), t)."""
+    op = g.producer(cond)
+    if op is None or op.op not in _COMPARE or g.scalar(op.inputs[1]) is None:
+        raise _NoMatch("activation bits are not GreaterOrEqual(H, threshold)")
+    t = np.float32(g.scalar(op.inputs[1]))
+    fn, rising = _COMPARE[op.op]
     ops.append(op.name)
-    return co[0], co[1], clip
+    chain = _monotone(g, op.inputs[0])
+    pred = (lambda h: bool(fn(h, t))) if rising else (lambda h: not bool(fn(h, t)))
+    return chain, pred, rising, t
 
 
-def _plane(g: Graph, a: str, ops: list[str]) -> tuple[str, np.float32, bool, str, str]:
-    """Walk back from a conv's data input A_n to X: (X, v, clip, act, act_form)."""
+def _plane(g: Graph, a: str, ops: list[str]):
+    """Walk back from a conv's data input to X: (chain, [(on-predicate, plane weight)], act,
+    act_form). Forms: Sign(h) (sign(0) read as +1), Cast(Compare(h, t)) (unipolar),
+    Sub(Mul(Cast(..), 2), 1) and Where(Compare, ±1, ∓1) (bipolar), Where(Compare, 1, 0),
+    and k-level uniform Div(Round(h), k) (DoReFa: k planes Round(h) >= j of weight 1/k)."""
     op = g.producer(a)
     if op is None:
         raise _NoMatch("conv input is not a binarised activation")
     if op.op == "Sign":
-        sub = g.producer(op.inputs[0])
-        if sub is None or sub.op != "Sub" or g.scalar(sub.inputs[1]) != 0.5:
-            raise _NoMatch("Sign input is not Sub(H, 0.5)")
-        ops += [op.name, sub.name]
-        x, v, clip = _binarisation(g, sub.inputs[0], ops)
-        return x, v, clip, "bipolar", "sign"
-    act = "unipolar"
+        ops.append(op.name)
+        return _monotone(g, op.inputs[0]), [(lambda h: bool(h >= 0), np.float32(1))], \
+            "bipolar", "sign"
+    if op.op in ("Div", "Mul") and (co := _const_operand(g, op)) is not None \
+            and g.producer(co[0]) is not None and g.producer(co[0]).op == "Round":
+        k = np.float32(co[1]) if op.op == "Div" else np.float32(1) / np.float32(co[1])
+        rnd = g.producer(co[0])
+        chain = _monotone(g, rnd.inputs[0])
+        lo, hi = (float(np.round(chain(np.float32(v)))) for v in (-np.inf, np.inf))
+        if not (lo == 0 and 1 <= hi <= MAX_LEVELS and np.isfinite(hi)):
+            raise _NoMatch(f"uniform quantizer spans levels {lo}..{hi}, not 0..1-{MAX_LEVELS}")
+        ops += [op.name, rnd.name]
+        w = np.float32(np.float32(1) / k) if op.op == "Div" else np.float32(co[1])
+        planes = [(lambda h, j=j: bool(np.round(h) >= j), w) for j in range(1, int(hi) + 1)]
+        return chain, planes, "unipolar", "uniform"
+    if op.op == "Where":
+        c1, c0 = g.scalar(op.inputs[1]), g.scalar(op.inputs[2])
+        if (c1, c0) not in ((1, -1), (-1, 1), (1, 0), (0, 1)):
+            raise _NoMatch("Where does not select constant ±1 or 1/0")
+        ops.append(op.name)
+        chain, pred, _, _ = _bit(g, op.inputs[0], ops)
+        one = (lambda h: pred(h)) if c1 == 1 else (lambda h: not pred(h))
+        return chain, [(one, np.float32(1))], "bipolar" if -1 in (c1, c0) else "unipolar", \
+            "where"
+    act, form = "unipolar", "compare"
     if op.op == "Sub":
         mul = g.producer(op.inputs[0])
         is_mul = mul is not None and mul.op == "Mul" and g.scalar(op.inputs[1]) == 1.0
@@ -189,18 +294,15 @@ def _plane(g: Graph, a: str, ops: list[str]) -> tuple[str, np.float32, bool, str
         act, op = "bipolar", g.producer(mco[0])
     if op is None or op.op != "Cast" or op.attrs.get("to") != onnx.TensorProto.FLOAT:
         raise _NoMatch("conv input is not a binarised activation (Cast to float)")
-    ge = g.producer(op.inputs[0])
-    if ge is None or ge.op != "GreaterOrEqual" or g.scalar(ge.inputs[1]) is None:
-        raise _NoMatch("activation bits are not GreaterOrEqual(H, threshold)")
-    if g.scalar(ge.inputs[1]) != 0.5:
-        raise _NoMatch(f"binarisation threshold is {g.scalar(ge.inputs[1])}, not 0.5")
-    ops += [op.name, ge.name]
-    x, v, clip = _binarisation(g, ge.inputs[0], ops)
-    return x, v, clip, act, "canonical"
+    ops.append(op.name)
+    chain, pred, rising, t = _bit(g, op.inputs[0], ops)
+    if rising and t == 0.5 and chain.abc_shift() is not None:
+        form = "canonical"
+    return chain, [(pred, np.float32(1))], act, form
 
 
 def _branch(g: Graph, conv: Op) -> _Branch:
-    """Match one Conv of an ABC block, with its β before or after."""
+    """Match one Conv of a binary block, with its β before or after."""
     if len(conv.inputs) > 2 and conv.inputs[2]:
         raise _NoMatch("conv has a bias")
     if conv.attrs.get("group", 1) != 1:
@@ -218,7 +320,9 @@ def _branch(g: Graph, conv: Op) -> _Branch:
     if pre is not None and pre.op == "Mul" and (co := _const_operand(g, pre)) is not None:
         a, beta, position = co[0], co[1], "before"
         ops.append(pre.name)
-    x, v, clip, act, form = _plane(g, a, ops)
+    chain, planes, act, form = _plane(g, a, ops)
+    ops += chain.ops
+    thresholds = [_threshold(chain, on) for on, _ in planes]
     out = conv.outputs[0]
     users = g.consumers(out)
     if position == "after" and len(users) == 1 and users[0].op == "Mul":
@@ -226,7 +330,11 @@ def _branch(g: Graph, conv: Op) -> _Branch:
         if co is not None:
             beta, out = co[1], users[0].outputs[0]
             ops.append(users[0].name)
-    return _Branch(conv, x, act, form, clip, v, beta, position, out, ops)
+    betas = [np.float32(w * beta) if w != 1 else np.float32(beta) for _, w in planes]
+    shift = (chain.abc_shift() if form == "canonical" else
+             chain.abc_shift(("Sub", 0.5)) if form == "sign" else None)
+    return _Branch(conv, chain.x, act, form, chain.clip, thresholds, betas, shift, position,
+                   out, ops)
 
 
 def _levels(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -475,8 +583,10 @@ def find_abc_blocks(g: Graph) -> tuple[list[ABCBlock], list[Miss]]:
             name=b.conv.name, input=b.x, output=root, act=b.act, act_form=b.act_form,
             clip=all(m.clip for m in members), beta_position=b.beta_position,
             weight_form=form, bases=bases, alpha=alpha,
-            shift=np.array([m.shift for m in members], np.float32),
-            beta=np.array([m.beta for m in members], np.float32),
+            thresholds=np.array([t for m in members for t in m.thresholds], np.float32),
+            shift=(np.array([m.shift for m in members], np.float32)
+                   if all(m.shift is not None for m in members) else None),
+            beta=np.array([bt for m in members for bt in m.betas], np.float32),
             strides=tuple(b.conv.attrs.get("strides", [1, 1])),
             pads=(pads[0], pads[1], pads[2], pads[3]),
             ops=[o for m in members for o in m.ops] + add_ops + weight_ops,

@@ -112,6 +112,8 @@ def _graph(func: relax.Function) -> tuple[pattern.Graph, dict[str, relax.Var]]:
                         min_of[out] = (ins[0], float(bound))
                     elif ins[0] in min_of:  # Clip = minimum(maximum(x, lo), hi)
                         x, lo = min_of[ins[0]]
+                        # the maximum is part of the Clip: drop it so x's readers count right
+                        ops[:] = [o for o in ops if o.outputs != [ins[0]]]
                         ops.append(pattern.Op(out, "Clip", [x], [out],
                                               {"min": lo, "max": float(bound)}))
                         continue
@@ -187,7 +189,7 @@ class _Rewriter(PyExprMutator):
         conv_gv = self.builder_.add_func(conv, str(conv.attrs["global_symbol"]))
         wbits, wsum = pack_weights(block.bases, word_bits=w)
         packed = self.builder_.emit(relax.call_tir(
-            pack_gv, [x, relax.const(block.shift, "float32")],
+            pack_gv, [x, relax.const(block.thresholds, "float32")],
             relax.TensorType((block.N, B, H, W, K), udt)))
         out_shape = _shape(binding.var)
         y = self.builder_.emit(relax.call_tir(
@@ -320,7 +322,7 @@ class _Plan:
     x: str  # graph value of the block input
     glue: _Glue
     float_out: bool = False
-    next_shift: np.ndarray | None = None  # shifts of the ABC consumers it packs for
+    next_thresholds: np.ndarray | None = None  # thresholds of the ABC consumers it packs for
     packed_from: str | None = None  # chain end of the producer whose packed output we read
 
 
@@ -343,9 +345,9 @@ def _plan_fused(g: pattern.Graph, blocks: list[pattern.ABCBlock],
         if readers and not compute.packs_whole_words(o, 64):
             plan.float_out = True  # the readers pack from the float output
         elif readers:
-            shift = readers[0].shift
-            sharing = [b for b in readers if np.array_equal(b.shift, shift)]
-            plan.next_shift = np.asarray(shift, np.float32)
+            thr = readers[0].thresholds
+            sharing = [b for b in readers if np.array_equal(b.thresholds, thr)]
+            plan.next_thresholds = np.asarray(thr, np.float32)
             for b in sharing:
                 plans_by_block = [p for p in plans.values() if p.block is b]
                 plans_by_block[0].packed_from = end
@@ -376,14 +378,14 @@ class _FusedRewriter(PyExprMutator):
         blk = plan.block
         if plan.packed_from is not None and plan.packed_from in self.packed:
             return self.packed[plan.packed_from]
-        key = (plan.x, blk.shift.tobytes())
+        key = (plan.x, blk.thresholds.tobytes())
         if key not in self.bitpacks:
             w = self.word_bits
             x = self._nhwc(plan.x)
             b, h, wd, c = _shape(x)
             func = bitpack_nhwc_func(b, h, wd, c, blk.N, w, self.target, scheduled=self.scheduled)
             out = relax.TensorType((blk.N, b, h, wd, -(-c // w)), f"uint{w}")
-            thr = compute.exact_thresholds(blk.shift)
+            thr = blk.thresholds
             self.bitpacks[key] = self.builder_.emit(relax.call_tir(
                 self._add(func), [x, relax.const(thr, "float32")], out))
         return self.bitpacks[key]
@@ -410,7 +412,7 @@ class _FusedRewriter(PyExprMutator):
         geo = compute.ConvGeometry(b, c, h, w, o, (kh, kw), tuple(blk.strides),
                                    tuple(blk.pads), m, blk.N, wb)
         vec = block_vector(o, wb, self.target)
-        nxt = 0 if plan.next_shift is None else int(plan.next_shift.size)
+        nxt = 0 if plan.next_thresholds is None else int(plan.next_thresholds.size)
         spec = compute.BlockSpec(
             geo, blk.act == "bipolar", vec, affine=glue.scale is not None,
             residual=glue.residual is not None, relu=glue.relu, float_out=plan.float_out,
@@ -428,7 +430,7 @@ class _FusedRewriter(PyExprMutator):
         if spec.residual:
             args.append(self._nhwc(glue.residual))
         if nxt:
-            args.append(relax.const(compute.exact_thresholds(plan.next_shift), "float32"))
+            args.append(relax.const(plan.next_thresholds, "float32"))
         oh, ow = geo.out_height, geo.out_width
         outs = []
         if spec.float_out:

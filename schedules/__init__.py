@@ -94,7 +94,7 @@ def bitpack_func(
     target: tvm.target.Target,
     scheduled: bool = True,
 ) -> tvm.tirx.PrimFunc:
-    """Scheduled PrimFunc (x f32[B,C,H,W], v f32[N]) -> uint{w}[N,B,H,W,ceil(C/w)].
+    """Scheduled PrimFunc (x f32[B,C,H,W], thr f32[N]) -> uint{w}[N,B,H,W,ceil(C/w)]: x >= thr.
 
     `scheduled=False`: the unscheduled TE PrimFunc whose pack block carries
     `schedule_rule = "abc_bitpack"` (the MetaSchedule rule registered by this package).

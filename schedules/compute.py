@@ -15,6 +15,8 @@ import numpy as np
 import tvm
 from tvm import te
 
+from abc_tvm.floats import least_true
+
 # Block names, shared with the schedules (and with the MetaSchedule rule registered later).
 PACK = "abc_bitpack"
 PAD = "abc_pad"
@@ -103,10 +105,10 @@ class ConvGeometry:
 
 
 def bitpack(x: te.Tensor, v: te.Tensor, word_bits: int) -> te.Tensor:
-    """Pack NCHW float x into N bit-planes of NHWC words: bit j of word k is x[c]+v[n] >= 0.5.
+    """Pack NCHW float x into N bit-planes of NHWC words: bit j of word k is x[c] >= v[n].
 
-    The add is done in float32 before the compare, exactly as ONNX Add + GreaterOrEqual do;
-    `x >= 0.5 - v` would round differently. Sum of disjoint bits is their OR.
+    v holds exact thresholds (`exact_thresholds` of the ABC shifts, or the block's own), so
+    the compare is bit for bit the float graph's binarizer. Sum of disjoint bits is their OR.
     """
     batch, channels, height, width = (int(d) for d in x.shape)
     planes = int(v.shape[0])
@@ -117,8 +119,8 @@ def bitpack(x: te.Tensor, v: te.Tensor, word_bits: int) -> te.Tensor:
     def _pack(n, b, h, w, k):
         c = k * word_bits + j
         # Clamp keeps the (discarded) load in bounds for the pad channels of the last word.
-        value = x[b, tvm.tirx.min(c, channels - 1), h, w] + v[n]
-        on = tvm.tirx.all(c < channels, value >= tvm.tirx.const(0.5, x.dtype))
+        value = x[b, tvm.tirx.min(c, channels - 1), h, w]
+        on = tvm.tirx.all(c < channels, value >= v[n])
         bit = tvm.tirx.const(1, dtype) << j.astype(dtype)
         return te.sum(tvm.tirx.Select(on, bit, tvm.tirx.const(0, dtype)), axis=j)
 
@@ -358,45 +360,21 @@ class BlockSpec:
                 f"v{self.vec}_{glue}p{self.next_planes}")
 
 
-def _ordered(x: np.float32) -> int:
-    """float32 -> int, order-preserving (both zeros map to 0)."""
-    bits = int(np.asarray(x, np.float32).view(np.uint32))
-    return bits if bits < 2**31 else -(bits - 2**31)
-
-
-def _unordered(i: int) -> np.float32:
-    bits = i if i >= 0 else (-i) | 2**31
-    return np.array([bits], np.uint32).view(np.float32)[0]
-
-
 def exact_thresholds(shift: np.ndarray) -> np.ndarray:
     """Per plane, the least float32 T with float32(T + v) >= 0.5: then x >= T <=> x + v >= 0.5.
 
     float32 addition rounds monotonically, so {x : fl(x + v) >= 0.5} is exactly [T, inf)
     (NaN compares false either way). The packing kernels compare against T: one compare per
     value instead of an add and a compare, bit for bit the ONNX semantics (not the rounded
-    0.5 - v, which differs near the edge). Found by bisection over the float32 order.
+    0.5 - v, which differs near the edge).
     """
     half = np.float32(0.5)
     out = []
     for v in np.asarray(shift, np.float32).reshape(-1):
         if not np.isfinite(v):
             raise ValueError(f"activation shift {v} is not finite")
-
-        def on(i: int, v: np.float32 = v) -> bool:
-            return bool(np.float32(_unordered(i) + v) >= half)
-
-        start = _ordered(np.float32(half - v))
-        hi, step = start, 1
-        while not on(hi):  # an index at or above the threshold
-            hi, step = start + step, step * 2
-        lo, step = hi - 1, 1
-        while on(lo):  # an index below it
-            lo, step = hi - step, step * 2
-        while hi - lo > 1:  # on(hi) and not on(lo)
-            mid = (lo + hi) // 2
-            hi, lo = (mid, lo) if on(mid) else (hi, mid)
-        out.append(_unordered(hi))
+        t = least_true(lambda x, v=v: bool(np.float32(x + v) >= half), np.float32(half - v))
+        out.append(t)
     return np.array(out, np.float32)
 
 

@@ -422,12 +422,19 @@ def miss_grouped(**options: Any) -> tuple[onnx.ModelProto, Expected]:
                     {"group": 2, "in_channels": 4, "out_channels": 4})
 
 
-def miss_threshold(**options: Any) -> tuple[onnx.ModelProto, Expected]:
-    """Canonical, but GreaterOrEqual(H, t) with t ≠ 0.5 (0.4 unless given)."""
+def other_threshold(**options: Any) -> tuple[onnx.ModelProto, Expected]:
+    """Canonical, but GreaterOrEqual(H, t) with t ≠ 0.5 (0.4 unless given): still binary,
+    at its own exact threshold (the matcher's "compare" form)."""
     t = options.pop("threshold", 0.4)
     if t == 0.5:
-        raise ValueError("miss_threshold needs a threshold other than 0.5")
-    return _variant("miss_threshold", {"threshold": t, "miss": "threshold"}, options)
+        raise ValueError("other_threshold needs a threshold other than 0.5")
+    return _variant("other_threshold", {"threshold": t}, options)
+
+
+def miss_constant_bit(**options: Any) -> tuple[onnx.ModelProto, Expected]:
+    """Canonical, but Clip(S, 0.6, 1) before GreaterOrEqual(., 0.5): every bit is 1."""
+    return _variant("miss_constant_bit", {"clip_range": (0.6, 1.0),
+                                          "miss": "does not depend on its input"}, options)
 
 
 def miss_random_weight(**options: Any) -> tuple[onnx.ModelProto, Expected]:
@@ -449,7 +456,7 @@ def miss_dilated(**options: Any) -> tuple[onnx.ModelProto, Expected]:
 
 
 NEAR_MISSES: dict[str, Callable[..., tuple[onnx.ModelProto, Expected]]] = {
-    f.__name__: f for f in (miss_conv_bias, miss_grouped, miss_threshold, miss_random_weight,
+    f.__name__: f for f in (miss_conv_bias, miss_grouped, miss_constant_bit, miss_random_weight,
                             miss_unbinarised, miss_dilated)
 }
 

@@ -307,7 +307,7 @@ def _kernel_battery(cases: list[Case], layers: list[Layer]) -> tuple[tvm.IRModul
                                               case.width, case.N, case.word_bits, ARM)
                 pack_gv = bb.add_func(pack, str(pack.attrs["global_symbol"]))
                 packed = bb.emit(relax.call_tir(
-                    pack_gv, [xi, relax.const(layer.v)],
+                    pack_gv, [xi, relax.const(schedules.compute.exact_thresholds(layer.v))],
                     relax.TensorType(layer.packed.shape, str(layer.packed.dtype))))
                 weights = [relax.const(layer.wbits), relax.const(layer.wsum.astype(np.int32))]
                 dot_f, conv_f = case.func(False, ARM), case.func(True, ARM)

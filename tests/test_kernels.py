@@ -256,7 +256,8 @@ def test_bitpack_bit_exact(shape: tuple[int, int, int, int], planes: int, word_b
     expected = ref.pack_activations(x, v, word_bits)
     b, c, h, w = shape
     out = np.zeros((planes, b, h, w, schedules.num_words(c, word_bits)), f"uint{word_bits}")
-    got = _run(_compiled_pack(shape, planes, word_bits), x, v, out=out)
+    thr = schedules.compute.exact_thresholds(v)
+    got = _run(_compiled_pack(shape, planes, word_bits), x, thr, out=out)
     assert got.dtype == expected.dtype
     np.testing.assert_array_equal(got, expected)
 
@@ -281,7 +282,8 @@ def test_bitpack_threshold_uses_float32_sum():
     )
     assert not np.array_equal(expected, rewritten), "inputs do not separate the two forms"
     out = np.zeros(expected.shape, np.uint64)
-    got = _run(_compiled_pack(xs.shape, v.size, 64), xs, v, out=out)
+    thr = schedules.compute.exact_thresholds(v)
+    got = _run(_compiled_pack(xs.shape, v.size, 64), xs, thr, out=out)
     np.testing.assert_array_equal(got, expected)
 
 
@@ -448,7 +450,8 @@ def test_metaschedule_bitpack_rule_bit_exact():
     expected = ref.pack_activations(x, v, 64)
     pack = schedules.bitpack_func(*shape, planes, 64, HOST, scheduled=False)
     for mod in _tuned_variants(pack, range(1, 7)):
-        got = _run(mod, x, v, out=np.zeros(expected.shape, np.uint64))
+        thr = schedules.compute.exact_thresholds(v)
+        got = _run(mod, x, thr, out=np.zeros(expected.shape, np.uint64))
         np.testing.assert_array_equal(got, expected)
 
 
@@ -730,7 +733,8 @@ def test_cuda_kernel_uses_popc():
         mod(*args, result)
         return result.numpy()
 
-    packed = on_gpu(pack.mod, [layer.x, layer.v], np.zeros(layer.packed.shape, np.uint32))
+    thr = schedules.compute.exact_thresholds(layer.v)
+    packed = on_gpu(pack.mod, [layer.x, thr], np.zeros(layer.packed.shape, np.uint32))
     np.testing.assert_array_equal(packed, layer.packed)
     args = [layer.packed, layer.wbits, layer.wsum, layer.alpha, layer.beta]
     got = on_gpu(conv.mod, args, np.zeros((case.batch, case.out_channels, oh, ow), np.float32))

@@ -219,7 +219,7 @@ def test_builder_graph_is_valid_and_runs(name, cfg, ort_run, max_rel_err):
     y = ort_run(model, x)
     assert y.shape == e.output_shape and y.dtype == np.float32
     assert max_rel_err(y, ob.reference_output(e, x)) <= 1e-5
-    if e.binarised and e.threshold == 0.5:
+    if e.binarised and e.threshold == 0.5 and e.clip_range == (0.0, 1.0):
         for a in ob.planes(e, x):  # v_n chosen so every plane has both bit values
             assert len(np.unique(a)) == 2
     if e.bases is not None:
@@ -244,3 +244,16 @@ def test_builder_rejects_contradicting_options():
         ob.abc_conv(act_form="sign", act="unipolar")
     with pytest.raises(ValueError):
         ob.abc_conv(weights="scaled", M=2)
+
+
+def test_other_threshold_is_binary_at_its_exact_threshold():
+    """GreaterOrEqual(Clip(X + v), 0.4): a binary block whose planes switch at the least
+    float32 x with fl(clip(x + v)) >= 0.4, which NumPy confirms on the ulps around it."""
+    model, e = ob.other_threshold(M=2, N=3, seed=1)
+    b = _only_block(model)
+    assert (b.act_form, b.N, b.shift) == ("compare", 3, None)
+    for v, t in zip(e.shift, b.thresholds, strict=True):
+        def on(x, v=v):
+            return np.clip(np.float32(x) + np.float32(v), np.float32(0), np.float32(1)) \
+                >= np.float32(0.4)
+        assert on(t) and not on(np.nextafter(t, np.float32(-np.inf)))

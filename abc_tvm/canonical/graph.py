@@ -1,0 +1,146 @@
+"""A small editable view of an ONNX graph for the canonicalization rules.
+
+Rules read producers, consumers and constants, rewire uses and add nodes; `prune` drops what
+nothing reads any more and `to_model` writes the nodes back in topological order. Constants
+are initializers or Constant nodes; everything else is a node output or a graph input.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+
+class Graph:
+    """Nodes, constants and graph outputs of one ONNX model, editable in place."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        g = model.graph
+        self.consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t)
+                                             for t in g.initializer}
+        self.nodes: list[onnx.NodeProto] = []
+        for node in g.node:
+            if node.op_type == "Constant" and len(node.attribute) == 1 \
+                    and node.attribute[0].name == "value":
+                self.consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+            else:
+                self.nodes.append(node)
+        self.outputs = [o.name for o in g.output]
+        self._names = itertools.count()
+        self._index()
+
+    def _index(self) -> None:
+        self._producer = {o: n for n in self.nodes for o in n.output if o}
+        self._consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for n in self.nodes:
+            for i in n.input:
+                if i:
+                    self._consumers[i].append(n)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def producer(self, value: str) -> onnx.NodeProto | None:
+        return self._producer.get(value)
+
+    def consumers(self, value: str) -> list[onnx.NodeProto]:
+        return list(self._consumers.get(value, []))
+
+    def const(self, value: str) -> np.ndarray | None:
+        return self.consts.get(value)
+
+    def scalar(self, value: str) -> float | None:
+        """A constant with one element, as a Python float (None otherwise)."""
+        c = self.consts.get(value)
+        return None if c is None or c.size != 1 else float(c.reshape(()))
+
+    def is_output(self, value: str) -> bool:
+        return value in self.outputs
+
+    # -- editing --------------------------------------------------------------------------
+
+    def fresh(self, hint: str) -> str:
+        """A value or node name not used anywhere yet."""
+        while True:
+            name = f"{hint}__c{next(self._names)}"
+            if name not in self._producer and name not in self.consts:
+                return name
+
+    def add_const(self, array: np.ndarray, hint: str) -> str:
+        name = self.fresh(hint)
+        self.consts[name] = np.asarray(array)
+        return name
+
+    def add_node(self, op: str, inputs: list[str], hint: str, n_out: int = 1,
+                 **attrs) -> list[str]:
+        """Append a node (order is restored by `to_model`); returns its output names."""
+        outs = [self.fresh(hint) for _ in range(n_out)]
+        node = helper.make_node(op, inputs, outs, name=self.fresh(hint), **attrs)
+        self.nodes.append(node)
+        self._producer.update({o: node for o in outs})
+        for i in inputs:
+            if i:
+                self._consumers[i].append(node)
+        return outs
+
+    def replace_uses(self, old: str, new: str) -> None:
+        """Every reader of `old` (nodes and graph outputs) reads `new` instead."""
+        for n in self._consumers.pop(old, []):
+            for k, i in enumerate(n.input):
+                if i == old:
+                    n.input[k] = new
+            self._consumers[new].append(n)
+        if old in self.outputs:  # keep the graph output's name: route it through Identity
+            node = helper.make_node("Identity", [new], [old], name=self.fresh("out"))
+            prev = self._producer.get(old)
+            if prev is not None:
+                self.nodes.remove(prev)
+                self.nodes.append(prev)
+                prev.output[list(prev.output).index(old)] = self.fresh(old)
+            self.nodes.append(node)
+            self._index()
+
+    def prune(self) -> None:
+        """Drop nodes whose outputs nothing reads, and constants no node reads."""
+        live = set(self.outputs)
+        keep: list[onnx.NodeProto] = []
+        for n in reversed(self._topo()):
+            if any(o in live for o in n.output):
+                keep.append(n)
+                live.update(i for i in n.input if i)
+        self.nodes = keep[::-1]
+        self.consts = {k: v for k, v in self.consts.items() if k in live}
+        self._index()
+
+    def _topo(self) -> list[onnx.NodeProto]:
+        ready = {i.name for i in self.model.graph.input} | set(self.consts) | {""}
+        pending, order = list(self.nodes), []
+        while pending:
+            rest = []
+            for n in pending:
+                if all(i in ready for i in n.input):
+                    order.append(n)
+                    ready.update(n.output)
+                else:
+                    rest.append(n)
+            if len(rest) == len(pending):
+                raise ValueError(f"graph has a cycle or a dangling input at {rest[0].name}")
+            pending = rest
+        return order
+
+    def to_model(self) -> onnx.ModelProto:
+        """A new ModelProto: same inputs, outputs and opsets, these nodes and constants."""
+        self.prune()
+        g = self.model.graph
+        inputs = [i for i in g.input if i.name not in self.consts]
+        graph = helper.make_graph(
+            self._topo(), g.name, inputs, list(g.output),
+            [numpy_helper.from_array(np.asarray(v), k) for k, v in self.consts.items()])
+        model = helper.make_model(graph, opset_imports=list(self.model.opset_import),
+                                  producer_name=self.model.producer_name or "abc-tvm")
+        model.ir_version = self.model.ir_version
+        return model
