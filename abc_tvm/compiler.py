@@ -15,6 +15,7 @@ import onnx
 import tvm
 
 from abc_tvm import frontend, pattern, targets
+from abc_tvm.canonical import Note, canonicalize
 from abc_tvm.errors import UserError
 from abc_tvm.relay_passes.abc_rewrite import rewrite
 
@@ -31,11 +32,12 @@ class Report:
     float_ops: list[dict] = field(default_factory=list)
     tuning: list[str] = field(default_factory=list)  # databases applied
     tuned_kernels: list[str] = field(default_factory=list)  # kernels scheduled from them
+    canonical: list[dict] = field(default_factory=list)  # what the canonical stage changed
 
     def as_dict(self) -> dict:
         return {"model": self.model, "target": self.target, "abc_layers": self.abc_layers,
                 "float_ops": self.float_ops, "tuning_databases": self.tuning,
-                "tuned_kernels": self.tuned_kernels}
+                "tuned_kernels": self.tuned_kernels, "canonicalization": self.canonical}
 
     def table(self) -> str:
         """A short human summary: one line per ABC layer, float ops counted by reason."""
@@ -56,6 +58,13 @@ class Report:
             lines.insert(1, f"  {len(self.tuned_kernels)} kernel(s) scheduled from tuning "
                             f"database(s) {', '.join(self.tuning)}")
         lines += [f"  {n:>4} x {op:<20} {reason}" for (op, reason), n in sorted(counts.items())]
+        rules: dict[str, int] = {}
+        for c in self.canonical:
+            rules[c["rule"]] = rules.get(c["rule"], 0) + 1
+        if rules:
+            lines.append("canonicalized: " + ", ".join(f"{r} x{n}" for r, n in rules.items()))
+        lines += [f"  snapped: {c['node']} ({c['detail']})" for c in self.canonical
+                  if c["rule"] == "snap_weights"]
         return "\n".join(lines)
 
 
@@ -132,16 +141,28 @@ def _fused_glue(g: pattern.Graph, value: str, kinds: list[str]) -> list[str]:
     return names
 
 
+# What each binarizer form means, for the report (sign(0) has no binary form: read as +1).
+BINARIZERS = {
+    "canonical": "ABC: [Clip](X + v) >= 0.5",
+    "sign": "sign, sign(0) read as +1",
+    "compare": "X compared with a constant",
+    "where": "Where(X compared with a constant, ±1)",
+    "uniform": "k-level uniform quantizer as thermometer planes",
+}
+
+
 def _report(proto: onnx.ModelProto, model_name: str, spec: targets.TargetSpec,
             onnx_match: tuple[list[pattern.ABCBlock], list[pattern.Miss]],
-            relax_blocks: list, relax_misses: list[pattern.Miss]) -> Report:
+            relax_blocks: list, relax_misses: list[pattern.Miss],
+            notes: list[Note] = ()) -> Report:
     """Name the rewritten blocks after their ONNX nodes and list every other node as float.
 
     The Relax importer keeps ONNX node order, so the i-th block found in Relax is the i-th
     block found in ONNX; the pair is cross-checked on M, N and weight shape.
     """
     onnx_blocks, onnx_misses = onnx_match
-    report = Report(model_name, spec.name)
+    report = Report(model_name, spec.name,
+                    canonical=[{"node": n.node, "rule": n.rule, "detail": n.detail} for n in notes])
     covered: set[str] = set()
     pairs = list(zip(onnx_blocks, relax_blocks, strict=False))
     same = len(onnx_blocks) == len(relax_blocks) and all(
@@ -151,9 +172,12 @@ def _report(proto: onnx.ModelProto, model_name: str, spec: targets.TargetSpec,
         blk = onnx_blocks[i] if same else r.block
         fused = _fused_glue(graph, blk.output, r.glue) if same else []
         covered.update([*blk.ops, *fused] if same else [])
+        rules = sorted({n.rule for n in notes if n.node in (blk.name, *blk.ops)}
+                       | ({n.rule for n in notes if not n.node}))
         report.abc_layers.append({**r.block.summary(), "name": blk.name,
                                   "kernel_impl": r.kernel, "word_bits": spec.word_bits,
-                                  "fused_ops": fused})
+                                  "fused_ops": fused, "rules": rules,
+                                  "binarizer": BINARIZERS[blk.act_form]})
     reasons = {m.name: m.reason for m in onnx_misses}
     reasons.update({m.name: m.reason for m in relax_misses})
     rewritten = {b.name for b in onnx_blocks} if same else set()
@@ -203,7 +227,7 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
     output = Path(output)
     if not output.parent.exists():
         raise UserError(f"output directory {output.parent} does not exist")
-    proto = frontend.load(model)
+    proto, notes = canonicalize(frontend.load(model))
     model_name = str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>"
     onnx_match = pattern.find_abc_blocks(pattern.from_onnx(proto))
     for miss in onnx_match[1]:
@@ -237,7 +261,7 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
         raise UserError(f"{len(onnx_match[0])} ABC block(s) found in the model but none could "
                         f"be turned into binary kernels ({why}); refusing to build a model "
                         "whose ABC layers would all run as float convs")
-    report = _report(proto, model_name, spec, onnx_match, rewritten, misses)
+    report = _report(proto, model_name, spec, onnx_match, rewritten, misses, notes)
     if not rewritten:
         print("abc-tvm compile: warning: no ABC convolution found; the model runs entirely in "
               "float", file=sys.stderr)

@@ -303,6 +303,11 @@ def _plane(g: Graph, a: str, ops: list[str]):
 
 def _branch(g: Graph, conv: Op) -> _Branch:
     """Match one Conv of a binary block, with its β before or after."""
+    a = conv.inputs[0]
+    pre = g.producer(a)
+    if pre is not None and pre.op == "Mul" and (co := _const_operand(g, pre)) is not None:
+        a = co[0]
+    _plane(g, a, [])  # a float conv says so first, whatever its attributes
     if len(conv.inputs) > 2 and conv.inputs[2]:
         raise _NoMatch("conv has a bias")
     if conv.attrs.get("group", 1) != 1:

@@ -119,7 +119,9 @@ def _graph(func: relax.Function) -> tuple[pattern.Graph, dict[str, relax.Var]]:
                         continue
                 ops.append(pattern.Op(out, f"call_tir:{gv.name_hint}", ins, [out]))
                 continue
-            ins = [name(a) for a in v.args]
+            # an inline tuple (concat's operands) is read field by field: its readers count
+            ins = [name(f) for a in v.args
+                   for f in (a.fields if isinstance(a, relax.Tuple) else [a])]
             out = name(b.var)
             if op in _NUMPY and all(i in consts for i in ins):
                 consts[out] = np.asarray(_NUMPY[op](*(consts[i] for i in ins)))

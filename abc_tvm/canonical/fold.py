@@ -6,6 +6,11 @@ importer folds neither (it refuses computed pads outright). ONNX Runtime's basic
 all of it and fuses BatchNorm, Mul and Add into a preceding Conv, using only standard ONNX
 ops, so its output is still a model TVM imports and any runtime runs. Kept a library call
 rather than a hand-written evaluator: it knows every op's semantics.
+
+ONNX Runtime's fusions of BatchNorm/Mul/Add into a Conv are turned off: the binary kernels
+fuse that glue themselves, and a fused β would give each plane's conv of an ABC block its
+own weight. A model with nothing to fold (abc-tvm's own export: its stacked weight product
+is read by the matcher as it is) is returned unchanged, so it compiles as before, bit for bit.
 """
 
 from __future__ import annotations
@@ -17,9 +22,29 @@ import onnx
 
 from abc_tvm.errors import UserError
 
+# What the matcher folds itself (the ABC contract's weight product and its casts).
+_MATCHER_FOLDS = {"Mul", "ReduceSum", "Identity", "Cast", "Constant"}
+_KEPT_AS_WRITTEN = ["ConvBNFusion", "ConvMulFusion", "ConvAddFusion"]
+
+
+def needs_folding(model: onnx.ModelProto) -> bool:
+    """Whether any node computes from constants alone (beyond what the matcher folds), or
+    reads a shape (shape arithmetic that feeds Pad, Reshape, Slice)."""
+    known = {t.name for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Shape":
+            return True
+        if node.op_type == "Constant" or (
+                node.input and all(not i or i in known for i in node.input)):
+            if node.op_type not in _MATCHER_FOLDS:
+                return True
+            known.update(node.output)
+    return False
+
 
 def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model after ONNX Runtime's basic graph optimisations (constant folding, fusions)."""
+    """The model after ONNX Runtime's basic graph optimisations: constants folded, redundant
+    nodes removed; Conv fusions off (see the module doc)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -31,7 +56,8 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
         opts.optimized_model_filepath = path
         try:
             ort.InferenceSession(model.SerializeToString(), opts,
-                                 providers=["CPUExecutionProvider"])
+                                 providers=["CPUExecutionProvider"],
+                                 disabled_optimizers=_KEPT_AS_WRITTEN)
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types
             raise UserError(f"ONNX Runtime could not fold the model's constants: "
                             f"{str(e).splitlines()[0]}") from None

@@ -33,6 +33,7 @@ class Graph:
         self.outputs = [o.name for o in g.output]
         self._names = itertools.count()
         self._index()
+        self._shapes: dict[str, tuple[int, ...]] | None = None
 
     def _index(self) -> None:
         self._producer = {o: n for n in self.nodes for o in n.output if o}
@@ -61,6 +62,20 @@ class Graph:
     def is_output(self, value: str) -> bool:
         return value in self.outputs
 
+    def shape_of(self, value: str) -> tuple[int, ...] | None:
+        """A value's static shape by ONNX shape inference (None where it is not static)."""
+        if self._shapes is None:
+            inferred = onnx.shape_inference.infer_shapes(self.to_model(prune=False))
+            g = inferred.graph
+            self._shapes = {}
+            for v in [*g.input, *g.value_info, *g.output]:
+                dims = v.type.tensor_type.shape.dim
+                if all(d.HasField("dim_value") for d in dims):
+                    self._shapes[v.name] = tuple(d.dim_value for d in dims)
+        if value in self.consts:
+            return tuple(self.consts[value].shape)
+        return self._shapes.get(value)
+
     # -- editing --------------------------------------------------------------------------
 
     def fresh(self, hint: str) -> str:
@@ -86,6 +101,22 @@ class Graph:
             if i:
                 self._consumers[i].append(node)
         return outs
+
+    def add_node_named(self, op: str, inputs: list[str], outputs: list[str], hint: str,
+                       **attrs) -> None:
+        """Append a node writing the given (existing, now unproduced) value names."""
+        node = helper.make_node(op, inputs, outputs, name=self.fresh(hint), **attrs)
+        self.nodes.append(node)
+        self._producer.update({o: node for o in outputs})
+        for i in inputs:
+            if i:
+                self._consumers[i].append(node)
+
+    def rename_output(self, node: onnx.NodeProto, old: str, new: str) -> None:
+        """`node` writes `new` instead of `old` (readers of `old` are left to the caller)."""
+        node.output[list(node.output).index(old)] = new
+        self._producer.pop(old, None)
+        self._producer[new] = node
 
     def replace_uses(self, old: str, new: str) -> None:
         """Every reader of `old` (nodes and graph outputs) reads `new` instead."""
@@ -115,6 +146,7 @@ class Graph:
         self.nodes = keep[::-1]
         self.consts = {k: v for k, v in self.consts.items() if k in live}
         self._index()
+        self._shapes = None
 
     def _topo(self) -> list[onnx.NodeProto]:
         ready = {i.name for i in self.model.graph.input} | set(self.consts) | {""}
@@ -132,9 +164,10 @@ class Graph:
             pending = rest
         return order
 
-    def to_model(self) -> onnx.ModelProto:
+    def to_model(self, prune: bool = True) -> onnx.ModelProto:
         """A new ModelProto: same inputs, outputs and opsets, these nodes and constants."""
-        self.prune()
+        if prune:
+            self.prune()
         g = self.model.graph
         inputs = [i for i in g.input if i.name not in self.consts]
         graph = helper.make_graph(

@@ -1,0 +1,183 @@
+"""Canonicalization rules: each one small, one concern, applied to a `Graph` in place.
+
+Each rule returns the notes of what it did (`Note`: the node it changed, the rule, a detail)
+so `inspect` and the compile report can say which rules shaped a layer. The binarizer forms
+themselves (Sign, compares, Where, uniform quantizers) are read by `abc_tvm.pattern`, once;
+these rules only bring a graph into shapes the matcher reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from abc_tvm.canonical.graph import Graph
+
+SNAP_ULPS = 8  # |W| within this many float32 ulps of one value per channel snaps to it
+
+
+@dataclass
+class Note:
+    node: str  # the node (or layer) the rule changed
+    rule: str
+    detail: str = ""
+
+
+def straight_through(g: Graph) -> list[Note]:
+    """`a - p + p` is `a`: what `a.detach() - p.detach() + p` exports to (the straight-
+    through estimator kept in eval). Add(Sub(a, p), p) and Add(p, Sub(a, p)) read `a`."""
+    notes = []
+    for add in list(g.nodes):
+        if add.op_type != "Add" or len(add.input) != 2:
+            continue
+        for k in (0, 1):
+            sub = g.producer(add.input[k])
+            p = add.input[1 - k]
+            if sub is None or sub.op_type != "Sub" or sub.input[1] != p:
+                continue
+            g.replace_uses(add.output[0], sub.input[0])
+            notes.append(Note(add.name, "straight_through", f"{add.output[0]} is {sub.input[0]}"))
+            break
+    g.prune()
+    return notes
+
+
+def _binary_weight(w: np.ndarray) -> bool:
+    """Every output channel is ±one magnitude (exactly): a binary layer's weight."""
+    mag = np.abs(w.reshape(w.shape[0], -1))
+    return bool(np.all(mag == mag[:, :1]) and np.all(mag[:, 0] > 0))
+
+
+def _out_major(node, w: np.ndarray) -> np.ndarray:
+    """A Conv/Gemm/MatMul weight with output channels first ([O, ...])."""
+    return w if node.op_type == "Conv" or _gemm_trans_b(node) else w.T
+
+
+def _gemm_trans_b(node) -> bool:
+    return node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+
+
+def snap_weights(g: Graph) -> list[Note]:
+    """A Conv/Gemm/MatMul weight whose |W| per output channel lies within SNAP_ULPS ulps of
+    one value (`alpha * sign(W)` folded with rounding, e.g. through a straight-through
+    residue computed in float) becomes exactly ±alpha_o, alpha_o the channel's median."""
+    notes = []
+    for node in g.nodes:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        w = g.const(node.input[1])
+        if w is None or w.dtype != np.float32 or w.ndim < 2:
+            continue
+        wo = _out_major(node, w)
+        if _binary_weight(wo):
+            continue
+        mag = np.abs(wo.reshape(wo.shape[0], -1))
+        alpha = np.median(mag, axis=1).astype(np.float32)
+        if np.any(alpha == 0):
+            continue
+        ulp = np.spacing(alpha)[:, None]
+        off = np.abs(mag - alpha[:, None]) / ulp
+        if not np.all(off <= SNAP_ULPS):
+            continue
+        snapped = np.where(wo >= 0, 1, -1) * alpha.reshape(-1, *[1] * (wo.ndim - 1))
+        back = _out_major(node, snapped.astype(np.float32))  # the same transpose undoes it
+        node.input[1] = g.add_const(np.ascontiguousarray(back), node.input[1])
+        notes.append(Note(node.name, "snap_weights", "weight snapped to ±alpha per output "
+                                                     f"channel ({float(off.max()):.0f} ulp off)"))
+    g.prune()
+    return notes
+
+
+def split_conv_bias(g: Graph) -> list[Note]:
+    """Conv(x, W, b) with a binary W: Conv(x, W) + b[1, O, 1, 1], so the bias is glue the
+    binary kernel fuses (and the matcher sees a bias-free conv)."""
+    notes = []
+    for node in list(g.nodes):
+        if node.op_type != "Conv" or len(node.input) < 3 or not node.input[2]:
+            continue
+        w, b = g.const(node.input[1]), g.const(node.input[2])
+        if w is None or b is None or w.ndim != 4 or not _binary_weight(w):
+            continue
+        out = node.output[0]
+        conv_out = g.fresh(out)
+        bias = g.add_const(b.reshape(1, -1, 1, 1).astype(b.dtype), f"{node.name}.bias")
+        del node.input[2]
+        g.rename_output(node, out, conv_out)
+        g.add_node_named("Add", [conv_out, bias], [out], f"{node.name}.bias_add")
+        notes.append(Note(node.name, "split_conv_bias", "bias added after the conv"))
+    return notes
+
+
+_ELEMENTWISE = ("Sign", "Clip", "Round", "Cast", "Where", "GreaterOrEqual", "Greater", "Less",
+                "LessOrEqual", "Add", "Sub", "Mul", "Div")
+
+
+def _scalar_elementwise(g: Graph, node) -> bool:
+    """An elementwise op whose other operands are scalar constants (commutes with Reshape)."""
+    if node.op_type not in _ELEMENTWISE:
+        return False
+    data = [i for i in node.input if i and g.const(i) is None]
+    consts = [i for i in node.input if i and g.const(i) is not None]
+    return len(data) == 1 and all(g.const(c).size == 1 for c in consts)
+
+
+def binary_fc_as_conv(g: Graph) -> list[Note]:
+    """Gemm/MatMul over [B, C] with a binary weight [C, O] (or [O, C] with transB) becomes
+    Reshape -> 1×1 Conv -> Reshape, so the binary conv kernels run it; the Reshape moves
+    above the binarizer's elementwise chain so the conv reads the binarized activation."""
+    notes = []
+    for node in list(g.nodes):
+        if node.op_type not in ("Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        w = g.const(node.input[1])
+        if w is None or w.ndim != 2:
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        if node.op_type == "Gemm" and (("transA" in attrs and attrs["transA"].i)
+                                       or ("alpha" in attrs and attrs["alpha"].f != 1.0)
+                                       or ("beta" in attrs and attrs["beta"].f != 1.0)):
+            continue
+        wo = w if _gemm_trans_b(node) else w.T  # [O, C]
+        if not _binary_weight(wo):
+            continue
+        shape = g.shape_of(node.input[0])
+        if shape is None or len(shape) != 2:
+            continue
+        batch, channels = shape
+        x = _hoist_reshape(g, node.input[0], [batch, channels, 1, 1])
+        w4 = g.add_const(np.ascontiguousarray(wo).reshape(*wo.shape, 1, 1), f"{node.name}.w")
+        (y4,) = g.add_node("Conv", [x, w4], f"{node.name}.conv", kernel_shape=[1, 1])
+        out = node.output[0]
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        shape2 = g.add_const(np.array([batch, wo.shape[0]], np.int64), f"{node.name}.shape")
+        g.nodes.remove(node)
+        if bias is None:
+            g.add_node_named("Reshape", [y4, shape2], [out], f"{node.name}.out")
+        else:
+            (y2,) = g.add_node("Reshape", [y4, shape2], f"{node.name}.out")
+            g.add_node_named("Add", [y2, bias], [out], f"{node.name}.bias_add")
+        notes.append(Note(node.name, "binary_fc_as_conv",
+                          f"{node.op_type} {channels}->{wo.shape[0]} as a 1x1 conv"))
+    g.prune()
+    return notes
+
+
+def _hoist_reshape(g: Graph, value: str, shape: list[int]) -> str:
+    """`value` reshaped to `shape`, the Reshape placed below the elementwise binarizer chain
+    that computes it (each op re-emitted on the reshaped input, scalar constants kept)."""
+    node = g.producer(value)
+    if node is None or not _scalar_elementwise(g, node):
+        target = g.add_const(np.array(shape, np.int64), "fc.shape4")
+        return g.add_node("Reshape", [value, target], "fc.reshape")[0]
+    data = next(i for i in node.input if i and g.const(i) is None)
+    inner = _hoist_reshape(g, data, shape)
+    ins = [inner if i == data else i for i in node.input]
+    attrs = {a.name: _attr_value(a) for a in node.attribute}
+    return g.add_node(node.op_type, ins, node.name or node.op_type, **attrs)[0]
+
+
+def _attr_value(a):
+    from onnx import helper
+
+    return helper.get_attribute_value(a)
