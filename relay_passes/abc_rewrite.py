@@ -46,7 +46,9 @@ from abc_tvm.schedules import (
 _OPS = {
     "relax.add": "Add", "relax.subtract": "Sub", "relax.multiply": "Mul",
     "relax.greater_equal": "GreaterOrEqual", "relax.sign": "Sign", "relax.astype": "Cast",
-    "relax.sum": "ReduceSum", "relax.nn.conv2d": "Conv",
+    "relax.sum": "ReduceSum", "relax.nn.conv2d": "Conv", "relax.divide": "Div",
+    "relax.round": "Round", "relax.where": "Where", "relax.greater": "Greater",
+    "relax.less": "Less", "relax.less_equal": "LessOrEqual",
 }
 # Ops on constants that the importer leaves unfolded (Clip's NaN-bound guards), folded here.
 _NUMPY = {

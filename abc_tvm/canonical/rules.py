@@ -37,7 +37,9 @@ def straight_through(g: Graph) -> list[Note]:
             if sub is None or sub.op_type != "Sub" or sub.input[1] != p:
                 continue
             g.replace_uses(add.output[0], sub.input[0])
-            notes.append(Note(add.name, "straight_through", f"{add.output[0]} is {sub.input[0]}"))
+            kept = g.producer(sub.input[0])  # the note goes to the op whose value is kept
+            notes.append(Note(kept.name if kept is not None else add.name, "straight_through",
+                              f"{add.output[0]} is {sub.input[0]}"))
             break
     g.prune()
     return notes

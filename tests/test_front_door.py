@@ -1,0 +1,120 @@
+"""The front door: BNNs as research code exports them compile to binary kernels and match
+ONNX Runtime on the same file, on x86 and (reduced) on aarch64 under qemu.
+
+Every network is exported with both torch exporters (TorchScript at batch 1, dynamo at
+batch 2); the report must count every binary conv and FC as a binary kernel, and only the
+float stems / shortcuts / classifiers may stay float convs.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from bnn_nets import NETS
+
+from abc_tvm import deploy
+from abc_tvm.bnn_models import bireal18, reactnet_a
+from abc_tvm.compiler import compile_model
+from abc_tvm.runtime import load
+
+# name -> (constructor, input shape without batch, binary layers, float convs left)
+MODELS = {
+    "reactnet_a": (lambda: reactnet_a(num_classes=10, width=0.25, seed=1), (3, 32, 32), 31, 1),
+    "bireal18": (lambda: bireal18(num_classes=10, width=0.25, seed=2), (3, 32, 32), 16, 4),
+    "xnor_vgg": (NETS["xnor_vgg"][0], NETS["xnor_vgg"][1], 4, 1),
+    "irnet_resnet20": (NETS["irnet_resnet20"][0], NETS["irnet_resnet20"][1], 18, 1),
+    "dorefa_w1a2": (NETS["dorefa_w1a2"][0], NETS["dorefa_w1a2"][1], 3, 1),
+    "binary_mlp": (NETS["binary_mlp"][0], NETS["binary_mlp"][1], 1, 0),
+}
+EXPORTS = {"torchscript": (False, 1, 17), "dynamo": (True, 2, 18)}
+
+
+def export(name: str, exporter: str, path) -> tuple[str, np.ndarray]:
+    make, shape, _, _ = MODELS[name]
+    dynamo, batch, opset = EXPORTS[exporter]
+    model = make()
+    torch.onnx.export(model, (torch.rand(batch, *shape),), str(path), dynamo=dynamo,
+                      opset_version=opset)
+    x = np.random.default_rng(7).uniform(-1, 1, (batch, *shape)).astype(np.float32)
+    return str(path), x
+
+
+def _check(report, name: str) -> None:
+    _, _, binary, float_convs = MODELS[name]
+    assert len(report.abc_layers) == binary
+    assert all("AND/popcount" in a["kernel_impl"] for a in report.abc_layers)
+    left = [f for f in report.float_ops if f["op"] in ("Conv", "Gemm", "MatMul")
+            and "binar" not in f["reason"]]
+    assert left == [], left  # what stays float is float because its input is
+    assert sum(f["op"] == "Conv" for f in report.float_ops) == float_convs
+
+
+@pytest.mark.parametrize("exporter", list(EXPORTS))
+@pytest.mark.parametrize("name", list(MODELS))
+def test_research_export_compiles_binary_and_matches_ort(name, exporter, tmp_path, ort_run,
+                                                         max_rel_err):
+    path, x = export(name, exporter, tmp_path / f"{name}.onnx")
+    so = tmp_path / "m.so"
+    report = compile_model(path, "x86", so, quiet=True)
+    _check(report, name)
+    y, ref = load(so, workers=1)(x), ort_run(path, x)
+    assert max_rel_err(y, ref) <= 1e-2
+    assert y.argmax(1).tolist() == ref.argmax(1).tolist()
+
+
+def test_report_names_the_sign_convention_and_rules(tmp_path):
+    path, _ = export("bireal18", "torchscript", tmp_path / "b.onnx")
+    report = compile_model(path, "x86", tmp_path / "b.so", quiet=True)
+    layer = report.abc_layers[0]
+    assert layer["act_form"] == "sign" and "sign(0) read as +1" in layer["binarizer"]
+    assert "straight_through" in layer["rules"]
+    assert layer["thresholds"] == [0.0]
+    assert any(c["rule"] == "fold_constants" for c in report.canonical)
+
+
+def test_sign_layer_integer_output_bit_exact(tmp_path):
+    """conv(sign(x), sign(W)) with no scale: integers, equal to NumPy's exactly, sign(0) and
+    tiny negatives at their exact side (x >= 0 is +1)."""
+    rng = np.random.default_rng(5)
+    w = np.where(rng.random((8, 70, 3, 3)) < 0.5, -1.0, 1.0).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Sign", ["x"], ["s"]),
+         onnx.helper.make_node("Conv", ["s", "w"], ["y"], pads=[1, 1, 1, 1])],
+        "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 70, 6, 5])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 8, 6, 5])],
+        [onnx.numpy_helper.from_array(w, "w")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    report = compile_model(model, "x86", tmp_path / "s.so", quiet=True)
+    assert len(report.abc_layers) == 1
+    x = rng.uniform(-1, 1, (2, 70, 6, 5)).astype(np.float32)
+    x[0, :, 0, 0] = 0.0
+    x[1, :, 1, 1] = -1e-30
+    s = np.where(x >= 0, 1.0, -1.0)
+    xp = np.pad(s, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    want = np.zeros((2, 8, 6, 5))
+    for i in range(3):
+        for j in range(3):
+            want += np.einsum("bchw,oc->bohw", xp[:, :, i:i + 6, j:j + 5], w[:, :, i, j])
+    np.testing.assert_array_equal(load(tmp_path / "s.so", workers=1)(x), want)
+
+
+needs_qemu = pytest.mark.skipif(
+    shutil.which("aarch64-linux-gnu-g++") is None or deploy.emulator() is None,
+    reason="qemu-aarch64 or g++-aarch64-linux-gnu missing: `make setup` installs them")
+
+
+@needs_qemu
+@pytest.mark.parametrize("name", ["reactnet_a", "irnet_resnet20", "dorefa_w1a2"])
+def test_research_export_on_aarch64_under_qemu(name, tmp_path, ort_run, max_rel_err):
+    path, x = export(name, "torchscript", tmp_path / f"{name}.onnx")
+    bundle = tmp_path / "bundle"
+    report = compile_model(path, "arm", tmp_path / "m.so", quiet=True)
+    _check(report, name)
+    deploy.make_bundle(tmp_path / "m.so", bundle)
+    y, ref = deploy.run_bundle(bundle, x), ort_run(path, x)
+    assert max_rel_err(y, ref) <= 1e-2
+    assert y.argmax(1).tolist() == ref.argmax(1).tolist()
