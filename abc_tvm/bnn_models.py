@@ -193,3 +193,7 @@ def reactnet_a(num_classes: int = 1000, width: float = 1.0, seed: int = 0) -> Re
 
 def bireal18(num_classes: int = 1000, width: float = 1.0, seed: int = 0) -> BiRealNet18:
     return randomize(BiRealNet18(num_classes, width), seed)
+
+
+# name -> (builder(num_classes=..., seed=...), default image size), for `abc-tvm zoo`
+RESEARCH_ZOO = {"reactnet_a": (reactnet_a, 224), "bireal18": (bireal18, 224)}

@@ -1,4 +1,4 @@
-"""The `abc-tvm` command line: zoo, compile, run, tune, bench, serve.
+"""The `abc-tvm` command line: zoo, compile, inspect, run, tune, bench, serve.
 
 Bad input (a UserError or ValueError) becomes one line on stderr and exit code 2, never a
 traceback; heavy imports happen inside the subcommands so `--help` is instant.
@@ -18,18 +18,19 @@ from abc_tvm.errors import UserError
 def _zoo(args: argparse.Namespace) -> None:
     import torch
 
+    from abc_tvm.bnn_models import RESEARCH_ZOO
     from abc_tvm.export import to_onnx
     from abc_tvm.models import ZOO
 
-    if args.name not in ZOO:
-        raise UserError(f"unknown model {args.name!r}: choose one of {', '.join(ZOO)}")
+    if args.name not in ZOO and args.name not in RESEARCH_ZOO:
+        raise UserError(f"unknown model {args.name!r}: choose one of "
+                        f"{', '.join([*ZOO, *RESEARCH_ZOO])}")
+    if args.name in RESEARCH_ZOO:
+        _research_zoo(args, *RESEARCH_ZOO[args.name])
+        return
     build, default_size = ZOO[args.name]
     size = default_size if args.image_size is None else args.image_size
-    if size < 8:
-        raise UserError(f"--image-size must be at least 8 (got {size})")
-    for flag, value in (("--num-classes", args.num_classes), ("--batch", args.batch)):
-        if value is not None and value < 1:
-            raise UserError(f"{flag} must be at least 1 (got {value})")
+    _check_zoo_sizes(args, size)
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
     model = build(args.M, args.N, seed=args.seed, act=args.act, channelwise=args.channelwise,
                   **kwargs)
@@ -37,6 +38,29 @@ def _zoo(args: argparse.Namespace) -> None:
     to_onnx(model, example, args.output)
     print(f"wrote {args.output}: {args.name} M={args.M} N={args.N} act={args.act} "
           f"input [{args.batch}, 3, {size}, {size}]")
+
+
+def _check_zoo_sizes(args: argparse.Namespace, size: int) -> None:
+    if size < 8:
+        raise UserError(f"--image-size must be at least 8 (got {size})")
+    for flag, value in (("--num-classes", args.num_classes), ("--batch", args.batch)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1 (got {value})")
+
+
+def _research_zoo(args: argparse.Namespace, build, default_size: int) -> None:
+    """A BNN as its research code exports it (torch.onnx.export, TorchScript, opset 17)."""
+    import torch
+
+    size = default_size if args.image_size is None else args.image_size
+    _check_zoo_sizes(args, size)
+    kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    model = build(seed=args.seed, **kwargs)
+    example = torch.rand(args.batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    torch.onnx.export(model, (example,), str(args.output), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["logits"])
+    print(f"wrote {args.output}: {args.name} as its research code exports it "
+          f"(-M/-N/--act do not apply), input [{args.batch}, 3, {size}, {size}]")
 
 
 def _compile(args: argparse.Namespace) -> None:
@@ -51,6 +75,15 @@ def _compile(args: argparse.Namespace) -> None:
         from abc_tvm.deploy import make_bundle
 
         make_bundle(args.output, args.bundle)
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from abc_tvm.explain import format_rows, inspect_model
+
+    rows, notes = inspect_model(args.model, args.output)
+    print(format_rows(rows, notes))
+    if args.output is not None:
+        print(f"wrote the canonical model to {args.output}")
 
 
 def _tune(args: argparse.Namespace) -> None:
@@ -103,7 +136,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     z = sub.add_parser("zoo", help="write a bundled ABC model as ONNX")
-    z.add_argument("name", help="abc_resnet18 | abc_resnet20")
+    z.add_argument("name", help="abc_resnet18 | abc_resnet20 (ABC export) | reactnet_a | "
+                                "bireal18 (as their research code exports them)")
     z.add_argument("-M", type=int, default=3, help="weight bases (1-8)")
     z.add_argument("-N", type=int, default=3, help="activation planes (1-8)")
     z.add_argument("-o", "--output", required=True, type=Path)
@@ -127,6 +161,12 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--no-tuning-log", action="store_true",
                    help="apply no tuning database: the hand-written default schedules only")
     c.set_defaults(func=_compile)
+
+    i = sub.add_parser("inspect", help="show which convs/FCs become binary kernels, and why")
+    i.add_argument("model", type=Path)
+    i.add_argument("-o", "--output", type=Path, default=None,
+                   help="also write the canonicalized model (e.g. to view in Netron)")
+    i.set_defaults(func=_inspect)
 
     t = sub.add_parser("tune", help="tune a model's kernels with MetaSchedule (XGBoost)")
     t.add_argument("model", type=Path)

@@ -293,7 +293,7 @@ def _plane(g: Graph, a: str, ops: list[str]):
         ops += [op.name, mul.name]
         act, op = "bipolar", g.producer(mco[0])
     if op is None or op.op != "Cast" or op.attrs.get("to") != onnx.TensorProto.FLOAT:
-        raise _NoMatch("conv input is not a binarised activation (Cast to float)")
+        raise _NoMatch("conv input is not a binarised activation")
     ops.append(op.name)
     chain, pred, rising, t = _bit(g, op.inputs[0], ops)
     if rising and t == 0.5 and chain.abc_shift() is not None:

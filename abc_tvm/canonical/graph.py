@@ -20,7 +20,8 @@ class Graph:
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
-        g = model.graph
+        g = onnx.GraphProto()
+        g.CopyFrom(model.graph)  # rules edit nodes in place: never the caller's model
         self.consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t)
                                              for t in g.initializer}
         self.nodes: list[onnx.NodeProto] = []
@@ -169,7 +170,7 @@ class Graph:
         if prune:
             self.prune()
         g = self.model.graph
-        inputs = [i for i in g.input if i.name not in self.consts]
+        inputs = [i for i in g.input if i.name not in self.consts]  # (unchanged by rules)
         graph = helper.make_graph(
             self._topo(), g.name, inputs, list(g.output),
             [numpy_helper.from_array(np.asarray(v), k) for k, v in self.consts.items()])
