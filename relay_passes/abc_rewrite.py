@@ -128,6 +128,9 @@ def _graph(func: relax.Function) -> tuple[pattern.Graph, dict[str, relax.Var]]:
             if op in _NUMPY and all(i in consts for i in ins):
                 consts[out] = np.asarray(_NUMPY[op](*(consts[i] for i in ins)))
                 continue
+            if op == "relax.reshape" and ins[0] in consts:  # e.g. PRelu's slope
+                consts[out] = consts[ins[0]].reshape(_shape(b.var))
+                continue
             attrs: dict = {}
             if op == "relax.astype":
                 dt = str(v.attrs.dtype)
@@ -145,6 +148,8 @@ def _graph(func: relax.Function) -> tuple[pattern.Graph, dict[str, relax.Var]]:
                              pads=[int(p) for p in a.padding],
                              dilations=[int(d) for d in a.dilation])
                 attrs.setdefault("group", int(a.groups))
+            elif op == "relax.nn.prelu":
+                attrs = {"axis": int(v.attrs.axis)}
             elif op == "relax.nn.batch_norm":
                 a = v.attrs
                 attrs = {"axis": int(a.axis), "epsilon": float(a.epsilon),
@@ -218,6 +223,9 @@ class _Glue:
     shift: np.ndarray | None = None
     residual: str | None = None
     relu: bool = False
+    pre: np.ndarray | None = None  # + pre[o] after the residual
+    slope: np.ndarray | None = None  # PReLU's slope[o] (instead of ReLU)
+    post: np.ndarray | None = None  # + post[o] after the activation
     ops: list[str] = field(default_factory=list)  # graph values of the fused ops
     kinds: list[str] = field(default_factory=list)  # their op kinds, for the report
 
@@ -231,6 +239,8 @@ def _per_channel(c: np.ndarray, channels: int) -> np.ndarray | None:
         return np.full(channels, c.reshape(()), np.float32)
     if c.size == channels and c.ndim >= 3 and c.shape[-2:] == (1, 1) and c.shape[-3] == channels:
         return c.reshape(channels).astype(np.float32)
+    if c.ndim == 4 and c.shape[1] == channels and np.all(c == c[:1, :, :1, :1]):
+        return c[0, :, 0, 0].astype(np.float32)  # a per-channel value expanded over B, H, W
     return None
 
 
@@ -266,18 +276,23 @@ def _batch_norm(g: pattern.Graph, op: pattern.Op, channels: int):
 
 def _glue_chain(g: pattern.Graph, blk: pattern.ABCBlock, shapes: dict[str, tuple],
                 claimed: set[str]) -> _Glue:
-    """Follow single-consumer ops after a block: affine ops, then a residual Add, then ReLU."""
+    """Follow single-consumer ops after a block: affine ops, a residual Add, per-channel
+    biases, ReLU or PReLU, per-channel biases (z = act(c*s + t + res + pre) + post)."""
     channels = int(blk.bases.shape[1])
     glue = _Glue(blk.output)
     cur = blk.output
+    stage = 0  # 0: affine; 1: after the residual; 2: after the activation
+
+    def add_bias(acc: np.ndarray | None, c: np.ndarray) -> np.ndarray:
+        return c if acc is None else (acc + c).astype(np.float32)
+
     while True:
         glue.end = cur
         users = g.consumers(cur)
         if len(users) != 1 or users[0].name in claimed:
             return glue
         u = users[0]
-        late = glue.residual is not None or glue.relu
-        if u.op == "relax.nn.batch_norm" and not late and u.inputs[0] == cur:
+        if u.op == "relax.nn.batch_norm" and stage == 0 and u.inputs[0] == cur:
             folded = _batch_norm(g, u, channels)
             gets = g.consumers(u.outputs[0])
             first = [t for t in gets if t.op == "TupleGetItem" and t.attrs.get("index") == 0]
@@ -296,26 +311,46 @@ def _glue_chain(g: pattern.Graph, blk: pattern.ABCBlock, shapes: dict[str, tuple
             c = g.const(other)
             if c is not None:
                 pc = _per_channel(c, channels)
-                if pc is None or late:
+                if pc is None:
                     return glue
-                _affine(glue, pc if u.op == "Mul" else None, pc if u.op == "Add" else None,
-                        channels)
-            elif u.op == "Add" and not late and shapes.get(other) == shapes.get(cur):
+                if stage == 0:
+                    _affine(glue, pc if u.op == "Mul" else None, pc if u.op == "Add" else None,
+                            channels)
+                elif u.op == "Add" and stage == 1:
+                    glue.pre = add_bias(glue.pre, pc)
+                elif u.op == "Add" and stage == 2:
+                    glue.post = add_bias(glue.post, pc)
+                else:
+                    return glue
+            elif u.op == "Add" and stage == 0 and shapes.get(other) == shapes.get(cur):
                 glue.residual = other
+                stage = 1
             else:
                 return glue
             glue.ops.append(u.name)
             glue.kinds.append(u.op)
             cur = u.outputs[0]
             continue
-        if u.op == "relax.nn.relu" and not glue.relu:
-            glue.relu = True
+        if u.op == "relax.nn.relu" and stage < 2:
+            glue.relu, stage = True, 2
             glue.ops.append(u.name)
             glue.kinds.append("Relu")
             cur = u.outputs[0]
             continue
+        if u.op == "relax.nn.prelu" and stage < 2 and u.inputs[0] == cur \
+                and u.attrs.get("axis") == 1:
+            slope = g.const(u.inputs[1])
+            pc = None if slope is None else _per_channel(
+                np.asarray(slope).reshape(-1, 1, 1) if np.asarray(slope).ndim == 1 else slope,
+                channels)
+            if pc is None:
+                return glue
+            glue.slope, stage = pc, 2
+            glue.ops.append(u.name)
+            glue.kinds.append("PRelu")
+            cur = u.outputs[0]
+            continue
         return glue
-    return glue
 
 
 @dataclass
@@ -333,7 +368,7 @@ class _Plan:
 def _plan_fused(g: pattern.Graph, blocks: list[pattern.ABCBlock],
                 shapes: dict[str, tuple]) -> dict[str, _Plan]:
     """Fused kernels by chain end: which glue each block absorbs and which planes it writes."""
-    claimed: set[str] = set()
+    claimed: set[str] = {op for b in blocks for op in b.ops}  # glue never takes a block's op
     plans: dict[str, _Plan] = {}
     for blk in blocks:
         glue = _glue_chain(g, blk, shapes, claimed)
@@ -420,7 +455,8 @@ class _FusedRewriter(PyExprMutator):
         spec = compute.BlockSpec(
             geo, blk.act == "bipolar", vec, affine=glue.scale is not None,
             residual=glue.residual is not None, relu=glue.relu, float_out=plan.float_out,
-            next_planes=nxt)
+            next_planes=nxt, pre_bias=glue.pre is not None, prelu=glue.slope is not None,
+            post_bias=glue.post is not None)
         func = abc_block_func(spec, self.target, scheduled=self.scheduled)
         wbits, wsum = pack_weights(blk.bases, word_bits=wb)
         ab = (blk.alpha[:, None, :] * blk.beta[None, :, None]).astype(np.float32)
@@ -433,6 +469,8 @@ class _FusedRewriter(PyExprMutator):
             args += [relax.const(glue.scale, "float32"), relax.const(glue.shift, "float32")]
         if spec.residual:
             args.append(self._nhwc(glue.residual))
+        args += [relax.const(v, "float32") for v in (glue.pre, glue.slope, glue.post)
+                 if v is not None]
         if nxt:
             args.append(relax.const(plan.next_thresholds, "float32"))
         oh, ow = geo.out_height, geo.out_width

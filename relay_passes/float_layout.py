@@ -111,11 +111,17 @@ class _FoldBN(PyExprMutator):
         super().visit_var_binding_(binding)
 
 
+_ELEMENTWISE = ("relax.add", "relax.subtract", "relax.multiply")
+_POOLS = {"relax.nn.avg_pool2d": relax.op.nn.avg_pool2d,
+          "relax.nn.max_pool2d": relax.op.nn.max_pool2d}
+
+
 @mutator
 class _Permutes(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, defs: dict) -> None:
+    def __init__(self, mod: tvm.IRModule, defs: dict, changed: list[int]) -> None:
         super().__init__(mod)
         self.defs = defs
+        self.changed = changed  # one entry per rewritten binding
 
     def _permute_of(self, e: relax.Expr) -> tuple[relax.Expr, list[int]] | None:
         value = self.defs.get(e) if isinstance(e, relax.Var) else e
@@ -137,6 +143,54 @@ class _Permutes(PyExprMutator):
             if inner is not None:
                 return relax.op.permute_dims(x, axes)
             return None
+        if any(_is_op(value, op) for op in _ELEMENTWISE) and len(value.args) == 2:
+            # op(permute(y, p), c) = permute(op(y, c'), p): the permute moves down to meet
+            # the next one (a per-channel bias between two NHWC kernels costs no transposes)
+            for k in (0, 1):
+                inner, c = self._permute_of(value.args[k]), _const(value.args[1 - k], self.defs)
+                if inner is None or c is None or c.ndim != len(inner[1]):
+                    continue
+                y, perm = inner
+                back = np.ascontiguousarray(np.transpose(c, np.argsort(perm)))
+                ops = [self.visit_expr(y), relax.const(back)]
+                inner_op = self.builder_.emit(relax.Call(value.op, ops if k == 0 else ops[::-1],
+                                                         value.attrs))
+                return relax.op.permute_dims(inner_op, perm)
+            return None
+        pool = next((op for op in _POOLS if _is_op(value, op)), None)
+        if pool is not None and str(value.attrs.layout) == "NCHW" and \
+                str(value.attrs.out_layout) == "NCHW":
+            # pool(permute(y, NHWC->NCHW)) = permute(pool of y in NHWC)
+            inner = self._permute_of(value.args[0])
+            if inner is None or inner[1] != [0, 3, 1, 2]:
+                return None
+            a = value.attrs
+            new = self.builder_.emit(_POOLS[pool](
+                self.visit_expr(inner[0]), [int(v) for v in a.pool_size],
+                [int(v) for v in a.strides], [int(v) for v in a.padding],
+                [int(v) for v in a.dilation], bool(a.ceil_mode), bool(a.count_include_pad),
+                layout="NHWC", out_layout="NHWC"))
+            return relax.op.permute_dims(new, [0, 3, 1, 2])
+        if _is_op(value, "relax.nn.prelu"):
+            # prelu(permute(y, p), slope, axis) = permute(prelu(y, slope, p[axis]), p)
+            inner = self._permute_of(value.args[0])
+            if inner is None:
+                return None
+            y, perm = inner
+            axis = perm[int(value.attrs.axis) % len(perm)]
+            new = self.builder_.emit(relax.op.nn.prelu(self.visit_expr(y),
+                                                       self.visit_expr(value.args[1]), axis))
+            return relax.op.permute_dims(new, perm)
+        if _is_op(value, "relax.concat") and isinstance(value.args[0], relax.Tuple):
+            # concat of tensors permuted alike = permute of their concat on the mapped axis
+            parts = [self._permute_of(f) for f in value.args[0].fields]
+            if any(p is None for p in parts) or len({tuple(p[1]) for p in parts}) != 1:
+                return None
+            perm = parts[0][1]
+            axis = perm[int(value.attrs.axis) % len(perm)]
+            new = self.builder_.emit(relax.op.concat(
+                [self.visit_expr(p[0]) for p in parts], axis))
+            return relax.op.permute_dims(new, perm)
         if _is_op(value, "relax.mean") and bool(value.attrs.keepdims) and \
                 value.attrs.axis is not None:
             inner = self._permute_of(value.args[0])
@@ -151,6 +205,7 @@ class _Permutes(PyExprMutator):
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         new = self._simplify(binding.value)
         if new is not None:
+            self.changed.append(1)
             if isinstance(new, relax.Var) and isinstance(binding.var, relax.DataflowVar):
                 self.set_var_remap(binding.var, self.visit_expr(new))
                 return
@@ -174,8 +229,11 @@ def fold_conv_batch_norm(mod: tvm.IRModule, func_name: str = "main") -> tvm.IRMo
 
 
 def simplify_permutes(mod: tvm.IRModule, func_name: str = "main") -> tvm.IRModule:
-    for _ in range(3):  # chains of permutes collapse one level per sweep
-        mod = _run(_Permutes, mod, func_name)
+    for _ in range(12):  # a permute moves one op per sweep: until a sweep changes nothing
+        changed: list[int] = []
+        mod = _run(_Permutes, mod, func_name, changed)
+        if not changed:
+            break
     return mod
 
 

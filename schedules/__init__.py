@@ -55,7 +55,8 @@ def _finish(func: tvm.tirx.PrimFunc, name: str, scheduled: bool = True) -> tvm.t
     """
     attrs: dict = {"global_symbol": name, "tirx.noalias": True}
     if scheduled:
-        attrs.update({"tirx.is_scheduled": True, "tir.is_scheduled": True})
+        # opaque (kOpaque = 8): FuseOps must not fuse float ops into a hand-scheduled kernel
+        attrs.update({"tirx.is_scheduled": True, "tir.is_scheduled": True, "op_pattern": 8})
     for key, value in attrs.items():
         func = func.with_attr(key, value)
     return func
@@ -254,8 +255,8 @@ def abc_block_func(spec: compute.BlockSpec, target: tvm.target.Target,
     Arguments in order: packed uint{w}[N,B,H,W,K], weights [M,O/vec,KH,KW,K,vec] (see
     `compute.block_weights`), ab f32[M,N,O] (alpha*beta), bipolar: Q f32[M,T,B,L,R,O]
     (`compute.bipolar_table`); affine: scale, shift f32[O]; residual:
-    res f32[B,OH,OW,O]; next planes: thr f32[N'] (`compute.exact_thresholds` of the next
-    layer's shifts); then the outputs z f32[B,OH,OW,O] (NHWC) and/or
+    res f32[B,OH,OW,O]; pre, slope, post f32[O] where the spec has them; next planes:
+    thr f32[N'] (the next layer's exact thresholds); then the outputs z f32[B,OH,OW,O] (NHWC) and/or
     packed_next uint{w}[N',B,OH,OW,ceil(O/w)]. x86 (LLVM) only.
     """
     if str(target.kind.name) != "llvm":

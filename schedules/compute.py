@@ -317,10 +317,18 @@ class BlockSpec:
     relu: bool
     float_out: bool  # write z as NHWC float [B, OH, OW, O]
     next_planes: int  # > 0: write the next layer's bit-planes [N', B, OH, OW, ceil(O/w)]
+    # After the residual (ReActNet's RPReLU: bias, PReLU, bias): + pre[o], then PReLU with
+    # slope[o] (instead of ReLU), then + post[o]. Off by default, and left out of the JSON
+    # and the name when off, so kernels without them keep their tuning records.
+    pre_bias: bool = False
+    prelu: bool = False
+    post_bias: bool = False
 
     def __post_init__(self) -> None:
         if self.geo.out_channels % self.vec:
             raise ValueError(f"vec {self.vec} does not divide {self.geo.out_channels} channels")
+        if self.prelu and self.relu:
+            raise ValueError("a block kernel applies ReLU or PReLU, not both")
         if not self.float_out and self.next_planes < 1:
             raise ValueError("a block kernel must write z, packed planes, or both")
         if self.next_planes and not packs_whole_words(self.geo.out_channels,
@@ -340,6 +348,9 @@ class BlockSpec:
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
+        for key in ("pre_bias", "prelu", "post_bias"):
+            if not d[key]:
+                del d[key]
         return json.dumps(d, sort_keys=True)
 
     @classmethod
@@ -353,7 +364,9 @@ class BlockSpec:
         g = self.geo
         pads = "_".join(str(p) for p in g.padding)
         glue = "".join(flag for flag, on in (("a", self.affine), ("r", self.residual),
-                                             ("l", self.relu), ("f", self.float_out)) if on)
+                                             ("b", self.pre_bias), ("l", self.relu),
+                                             ("e", self.prelu), ("c", self.post_bias),
+                                             ("f", self.float_out)) if on)
         return (f"abc_block_b{g.batch}c{g.channels}h{g.height}w{g.width}o{g.out_channels}"
                 f"_k{g.kernel[0]}x{g.kernel[1]}s{g.stride[0]}x{g.stride[1]}p{pads}"
                 f"_m{g.bases}n{g.planes}_{'bi' if self.bipolar else 'uni'}u{g.word_bits}"
@@ -555,6 +568,11 @@ def abc_block(spec: BlockSpec) -> BlockTensors:
     if spec.residual:
         res = te.placeholder((geo.batch, oh, ow, o), "float32", name="res")
         inputs.append(res)
+    late = {name: te.placeholder((o,), "float32", name=name)
+            for name, on in (("pre", spec.pre_bias), ("slope", spec.prelu),
+                             ("post", spec.post_bias)) if on}
+    inputs += list(late.values())
+    zero = tvm.tirx.const(0.0, "float32")
 
     def _glue_value(b, y, x, o_):
         z = c[b, y, x, o_]
@@ -562,8 +580,14 @@ def abc_block(spec: BlockSpec) -> BlockTensors:
             z = z * scale[o_] + shift[o_]
         if spec.residual:
             z = z + res[b, y, x, o_]
+        if spec.pre_bias:
+            z = z + late["pre"][o_]
         if spec.relu:
-            z = tvm.tirx.max(z, tvm.tirx.const(0.0, "float32"))
+            z = tvm.tirx.max(z, zero)
+        if spec.prelu:  # as ONNX PRelu: z where z >= 0, else slope * z
+            z = tvm.tirx.Select(z < zero, late["slope"][o_] * z, z)
+        if spec.post_bias:
+            z = z + late["post"][o_]
         return z
 
     outputs = []
