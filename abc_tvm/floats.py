@@ -46,3 +46,30 @@ def least_true(on: Callable[[np.float32], bool], guess: np.float32 | None = None
         mid = (lo + hi) // 2
         hi, lo = (mid, lo) if on(unordered(mid)) else (hi, mid)
     return unordered(hi)
+
+
+def least_true_array(on: Callable[[np.ndarray], np.ndarray], n: int) -> np.ndarray:
+    """`least_true` for n independent predicates at once (one per channel): `on` maps a
+    float32 array [n] to bool [n]. Entries never true are +inf's successor: NaN."""
+    lo = np.full(n, -_TOP, np.int64)
+    hi = np.full(n, _TOP, np.int64)
+
+    def ev(idx: np.ndarray) -> np.ndarray:
+        bits = np.where(idx >= 0, idx, (-idx) | 2**31).astype(np.uint32)
+        return np.asarray(on(bits.view(np.float32)), bool)
+
+    never = ~ev(hi)
+    always = ev(lo)
+    while True:  # invariant where neither: on(hi), not on(lo)
+        open_ = (hi - lo > 1) & ~never & ~always
+        if not open_.any():
+            break
+        mid = (lo + hi) // 2
+        m = ev(mid)
+        hi = np.where(open_ & m, mid, hi)
+        lo = np.where(open_ & ~m, mid, lo)
+    out = np.where(always, lo, hi)
+    bits = np.where(out >= 0, out, (-out) | 2**31).astype(np.uint32)
+    result = bits.view(np.float32).copy()
+    result[never] = np.nan
+    return result

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from abc_tvm.floats import least_true
+from abc_tvm.floats import least_true_array
 
 MAX_BASES = 8
 MAX_LEVELS = 15  # a uniform quantizer of up to 4 bits becomes up to 15 thermometer planes
@@ -83,7 +83,8 @@ class ABCBlock:
     weight_form: str  # "stacked" | "folded-stacked" | "folded"
     bases: np.ndarray  # float32 ±1 [M, O, I, kh, kw]
     alpha: np.ndarray  # float32 [M, O]
-    thresholds: np.ndarray  # float32 [N]: plane n's bit is X >= thresholds[n], exactly
+    # float32 [N], or [N, C] per input channel: plane n's bit is X >= thresholds[n(, c)]
+    thresholds: np.ndarray
     shift: np.ndarray | None  # float32 [N], v_n, where the model wrote the ABC contract
     beta: np.ndarray  # float32 [N]
     strides: tuple[int, int]
@@ -111,7 +112,8 @@ class ABCBlock:
             "beta_position": self.beta_position, "in_channels": int(I),
             "out_channels": int(O), "kernel": [int(kh), int(kw)],
             "strides": list(self.strides), "pads": list(self.pads),
-            "thresholds": [float(t) for t in self.thresholds],
+            "thresholds": ([float(t) for t in self.thresholds] if self.thresholds.ndim == 1
+                           else "per channel"),
         }
 
 
@@ -157,6 +159,38 @@ def _const_operand(g: Graph, op: Op) -> tuple[str, np.float32] | None:
     return None
 
 
+def per_channel(c: np.ndarray, channels: int) -> np.ndarray | None:
+    """A float32 constant that broadcasts over NCHW as one value per channel, as [C]:
+    a scalar, [C, 1, 1] / [.., C, 1, 1], or [B, C, H, W] equal over B, H and W (what an
+    `expand_as` folds to)."""
+    c = np.asarray(c)
+    if c.dtype != np.float32:
+        return None
+    if c.size == 1:
+        return np.full(channels, c.reshape(()), np.float32)
+    if c.size == channels and c.ndim >= 3 and c.shape[-2:] == (1, 1) and c.shape[-3] == channels:
+        return c.reshape(channels).astype(np.float32)
+    if c.ndim == 4 and c.shape[1] == channels and np.all(c == c[:1, :, :1, :1]):
+        return c[0, :, 0, 0].astype(np.float32)
+    return None
+
+
+def _channel_operand(g: Graph, op: Op, channels: int | None
+                     ) -> tuple[str, np.ndarray | np.float32] | None:
+    """(other operand, constant) for a binary op with one constant operand that is a scalar,
+    or (given `channels`) one value per channel as float32 [C]."""
+    co = _const_operand(g, op)
+    if co is not None or channels is None or len(op.inputs) != 2:
+        return co
+    for i, j in ((1, 0), (0, 1)):
+        c = g.const(op.inputs[i])
+        if c is not None and g.const(op.inputs[j]) is None:
+            pc = per_channel(c, channels)
+            if pc is not None:
+                return op.inputs[j], pc
+    return None
+
+
 @dataclass
 class _Chain:
     """h = f(x) for a chain of float32 ops that never decrease (scalar Add/Sub, positive
@@ -178,16 +212,18 @@ class _Chain:
             rest = rest[1:]
         return np.float32(rest[0][1]) if len(rest) == 1 and rest[0][0] == "Add" else None
 
-    def __call__(self, x: np.float32) -> np.float32:
+    per_channel: bool = False  # some step has one constant per channel
+
+    def __call__(self, x):
         for f in self.steps:
-            x = np.float32(f(x))
+            x = np.asarray(f(x), np.float32)
         return x
 
 
-def _monotone(g: Graph, h: str) -> _Chain:
+def _monotone(g: Graph, h: str, channels: int | None = None) -> _Chain:
     steps: list = []
     ops: list[str] = []
-    clip, kinds = False, []
+    clip, kinds, per_ch = False, [], False
     while True:
         op = g.producer(h)
         if op is None or len(g.consumers(h)) != 1:
@@ -200,19 +236,21 @@ def _monotone(g: Graph, h: str) -> _Chain:
             steps.append(lambda v, lo=lo, hi=hi: np.minimum(np.maximum(v, lo), hi))
             clip = True
             kinds.append(("Clip", None))
-        elif op.op in ("Add", "Sub", "Mul", "Div") and (co := _const_operand(g, op)):
-            c = np.float32(co[1])
+        elif op.op in ("Add", "Sub", "Mul", "Div") and (
+                co := _channel_operand(g, op, channels)):
+            c = np.asarray(co[1], np.float32)
             if op.op == "Add":
                 steps.append(lambda v, c=c: v + c)
             elif op.op == "Sub" and op.inputs[0] == co[0]:
                 steps.append(lambda v, c=c: v - c)
-            elif op.op == "Mul" and c > 0:
+            elif op.op == "Mul" and np.all(c > 0):
                 steps.append(lambda v, c=c: v * c)
-            elif op.op == "Div" and c > 0 and op.inputs[0] == co[0]:
+            elif op.op == "Div" and np.all(c > 0) and op.inputs[0] == co[0]:
                 steps.append(lambda v, c=c: v / c)
             else:
                 break
-            kinds.append((op.op, float(c)))
+            per_ch = per_ch or c.ndim > 0
+            kinds.append((op.op, float(c) if c.ndim == 0 else None))
             h = co[0]
             ops.append(op.name)
             continue
@@ -221,22 +259,25 @@ def _monotone(g: Graph, h: str) -> _Chain:
         ops.append(op.name)
         h = op.inputs[0]
     steps.reverse()
-    return _Chain(h, steps, ops, clip, kinds)
+    return _Chain(h, steps, ops, clip, kinds, per_ch)
 
 
-def _threshold(chain: _Chain, on) -> np.float32:
-    """The least float32 x with on(chain(x)), exactly; a constant binarizer is no match."""
-    t = least_true(lambda x: bool(on(chain(np.float32(x)))))
-    if t is None or not np.isfinite(t):
+def _threshold(chain: _Chain, on, channels: int | None) -> np.ndarray:
+    """The least float32 x with on(chain(x)), exactly: one per channel where the chain has
+    per-channel constants ([C]), else one ([]). A constant binarizer is no match."""
+    n = channels if chain.per_channel else 1
+    t = least_true_array(lambda xs: np.asarray(on(chain(xs)), bool), n)
+    if not np.all(np.isfinite(t)):
         raise _NoMatch("binarizer output does not depend on its input (constant bit)")
-    return t
+    return t if chain.per_channel else t[0]
 
 
 _COMPARE = {"GreaterOrEqual": (np.greater_equal, True), "Greater": (np.greater, True),
             "Less": (np.less, False), "LessOrEqual": (np.less_equal, False)}
 
 
-def _bit(g: Graph, cond: str, ops: list[str]) -> tuple[_Chain, object, bool, np.float32]:
+def _bit(g: Graph, cond: str, ops: list[str],
+         channels: int | None) -> tuple[_Chain, object, bool, np.float32]:
     """cond = Compare(h, t): (chain of h, predicate of h that is the bit's 1, whether the
     compare is the 1 (GreaterOrEqual/Greater) or the 0 (Less/LessOrEqual), t)."""
     op = g.producer(cond)
@@ -245,12 +286,12 @@ def _bit(g: Graph, cond: str, ops: list[str]) -> tuple[_Chain, object, bool, np.
     t = np.float32(g.scalar(op.inputs[1]))
     fn, rising = _COMPARE[op.op]
     ops.append(op.name)
-    chain = _monotone(g, op.inputs[0])
-    pred = (lambda h: bool(fn(h, t))) if rising else (lambda h: not bool(fn(h, t)))
+    chain = _monotone(g, op.inputs[0], channels)
+    pred = (lambda h: fn(h, t)) if rising else (lambda h: np.logical_not(fn(h, t)))
     return chain, pred, rising, t
 
 
-def _plane(g: Graph, a: str, ops: list[str]):
+def _plane(g: Graph, a: str, ops: list[str], channels: int | None = None):
     """Walk back from a conv's data input to X: (chain, [(on-predicate, plane weight)], act,
     act_form). Forms: Sign(h) (sign(0) read as +1), Cast(Compare(h, t)) (unipolar),
     Sub(Mul(Cast(..), 2), 1) and Where(Compare, ±1, ∓1) (bipolar), Where(Compare, 1, 0),
@@ -260,27 +301,30 @@ def _plane(g: Graph, a: str, ops: list[str]):
         raise _NoMatch("conv input is not a binarised activation")
     if op.op == "Sign":
         ops.append(op.name)
-        return _monotone(g, op.inputs[0]), [(lambda h: bool(h >= 0), np.float32(1))], \
+        return _monotone(g, op.inputs[0], channels), [(lambda h: h >= 0, np.float32(1))], \
             "bipolar", "sign"
     if op.op in ("Div", "Mul") and (co := _const_operand(g, op)) is not None \
             and g.producer(co[0]) is not None and g.producer(co[0]).op == "Round":
         k = np.float32(co[1]) if op.op == "Div" else np.float32(1) / np.float32(co[1])
         rnd = g.producer(co[0])
-        chain = _monotone(g, rnd.inputs[0])
-        lo, hi = (float(np.round(chain(np.float32(v)))) for v in (-np.inf, np.inf))
+        chain = _monotone(g, rnd.inputs[0], channels)
+        ends = [np.round(chain(np.full(channels or 1, v, np.float32))) for v in (-np.inf, np.inf)]
+        if not all(np.all(e == e.flat[0]) for e in ends):
+            raise _NoMatch("uniform quantizer spans different levels per channel")
+        lo, hi = (float(e.flat[0]) for e in ends)
         if not (lo == 0 and 1 <= hi <= MAX_LEVELS and np.isfinite(hi)):
             raise _NoMatch(f"uniform quantizer spans levels {lo}..{hi}, not 0..1-{MAX_LEVELS}")
         ops += [op.name, rnd.name]
         w = np.float32(np.float32(1) / k) if op.op == "Div" else np.float32(co[1])
-        planes = [(lambda h, j=j: bool(np.round(h) >= j), w) for j in range(1, int(hi) + 1)]
+        planes = [(lambda h, j=j: np.round(h) >= j, w) for j in range(1, int(hi) + 1)]
         return chain, planes, "unipolar", "uniform"
     if op.op == "Where":
         c1, c0 = g.scalar(op.inputs[1]), g.scalar(op.inputs[2])
         if (c1, c0) not in ((1, -1), (-1, 1), (1, 0), (0, 1)):
             raise _NoMatch("Where does not select constant ±1 or 1/0")
         ops.append(op.name)
-        chain, pred, _, _ = _bit(g, op.inputs[0], ops)
-        one = (lambda h: pred(h)) if c1 == 1 else (lambda h: not pred(h))
+        chain, pred, _, _ = _bit(g, op.inputs[0], ops, channels)
+        one = pred if c1 == 1 else (lambda h: np.logical_not(pred(h)))
         return chain, [(one, np.float32(1))], "bipolar" if -1 in (c1, c0) else "unipolar", \
             "where"
     act, form = "unipolar", "compare"
@@ -295,10 +339,20 @@ def _plane(g: Graph, a: str, ops: list[str]):
     if op is None or op.op != "Cast" or op.attrs.get("to") != onnx.TensorProto.FLOAT:
         raise _NoMatch("conv input is not a binarised activation")
     ops.append(op.name)
-    chain, pred, rising, t = _bit(g, op.inputs[0], ops)
+    chain, pred, rising, t = _bit(g, op.inputs[0], ops, channels)
     if rising and t == 0.5 and chain.abc_shift() is not None:
         form = "canonical"
     return chain, [(pred, np.float32(1))], act, form
+
+
+def _in_channels(g: Graph, conv: Op) -> int | None:
+    """The conv's input channels from its (constant or stacked-constant) weight."""
+    w = g.const(conv.inputs[1]) if len(conv.inputs) > 1 else None
+    if w is not None and w.ndim == 4:
+        return int(w.shape[1])
+    op = g.producer(conv.inputs[1]) if len(conv.inputs) > 1 else None
+    s = g.const(op.inputs[0]) if op is not None and op.op == "ReduceSum" else None
+    return int(s.shape[2]) if s is not None and s.ndim == 5 else None
 
 
 def _branch(g: Graph, conv: Op) -> _Branch:
@@ -307,7 +361,8 @@ def _branch(g: Graph, conv: Op) -> _Branch:
     pre = g.producer(a)
     if pre is not None and pre.op == "Mul" and (co := _const_operand(g, pre)) is not None:
         a = co[0]
-    _plane(g, a, [])  # a float conv says so first, whatever its attributes
+    channels = _in_channels(g, conv)
+    _plane(g, a, [], channels)  # a float conv says so first, whatever its attributes
     if len(conv.inputs) > 2 and conv.inputs[2]:
         raise _NoMatch("conv has a bias")
     if conv.attrs.get("group", 1) != 1:
@@ -325,9 +380,9 @@ def _branch(g: Graph, conv: Op) -> _Branch:
     if pre is not None and pre.op == "Mul" and (co := _const_operand(g, pre)) is not None:
         a, beta, position = co[0], co[1], "before"
         ops.append(pre.name)
-    chain, planes, act, form = _plane(g, a, ops)
+    chain, planes, act, form = _plane(g, a, ops, channels)
     ops += chain.ops
-    thresholds = [_threshold(chain, on) for on, _ in planes]
+    thresholds = [_threshold(chain, on, channels) for on, _ in planes]
     out = conv.outputs[0]
     users = g.consumers(out)
     if position == "after" and len(users) == 1 and users[0].op == "Mul":
@@ -588,7 +643,7 @@ def find_abc_blocks(g: Graph) -> tuple[list[ABCBlock], list[Miss]]:
             name=b.conv.name, input=b.x, output=root, act=b.act, act_form=b.act_form,
             clip=all(m.clip for m in members), beta_position=b.beta_position,
             weight_form=form, bases=bases, alpha=alpha,
-            thresholds=np.array([t for m in members for t in m.thresholds], np.float32),
+            thresholds=_stack_thresholds([t for m in members for t in m.thresholds]),
             shift=(np.array([m.shift for m in members], np.float32)
                    if all(m.shift is not None for m in members) else None),
             beta=np.array([bt for m in members for bt in m.betas], np.float32),
@@ -597,6 +652,14 @@ def find_abc_blocks(g: Graph) -> tuple[list[ABCBlock], list[Miss]]:
             ops=[o for m in members for o in m.ops] + add_ops + weight_ops,
         ))
     return blocks, misses
+
+
+def _stack_thresholds(ts: list[np.ndarray]) -> np.ndarray:
+    """Planes' thresholds as [N] (one per plane), or [N, C] where any plane's is per channel."""
+    width = max((np.size(t) for t in ts if np.ndim(t) == 1), default=0)
+    if not width:
+        return np.array(ts, np.float32)
+    return np.stack([np.broadcast_to(np.asarray(t, np.float32), (width,)) for t in ts])
 
 
 def _leaves(g: Graph, root: str, branches: dict[str, _Branch]) -> list[_Branch]:

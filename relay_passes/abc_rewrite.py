@@ -188,7 +188,8 @@ class _Rewriter(PyExprMutator):
         w = self.word_bits
         K = -(-C // w)
         udt = f"uint{w}"
-        pack = bitpack_func(B, C, H, W, block.N, w, self.target, scheduled=self.scheduled)
+        pack = bitpack_func(B, C, H, W, block.N, w, self.target, scheduled=self.scheduled,
+                            per_channel=block.thresholds.ndim == 2)
         conv = abc_conv_func(B, C, H, W, O, kernel=(kh, kw), stride=block.strides,
                              padding=block.pads, M=M, N=block.N,
                              bipolar=block.act == "bipolar", word_bits=w, target=self.target,
@@ -381,7 +382,8 @@ def _plan_fused(g: pattern.Graph, blocks: list[pattern.ABCBlock],
         others = [u for u in g.consumers(end) if u.name not in block_ops]
         plan.float_out = bool(others) or end in residual_of
         o = int(plan.block.bases.shape[1])
-        if readers and not compute.packs_whole_words(o, 64):
+        if readers and (not compute.packs_whole_words(o, 64)
+                        or any(b.thresholds.ndim == 2 for b in readers)):
             plan.float_out = True  # the readers pack from the float output
         elif readers:
             thr = readers[0].thresholds
@@ -422,7 +424,8 @@ class _FusedRewriter(PyExprMutator):
             w = self.word_bits
             x = self._nhwc(plan.x)
             b, h, wd, c = _shape(x)
-            func = bitpack_nhwc_func(b, h, wd, c, blk.N, w, self.target, scheduled=self.scheduled)
+            func = bitpack_nhwc_func(b, h, wd, c, blk.N, w, self.target, scheduled=self.scheduled,
+                                     per_channel=blk.thresholds.ndim == 2)
             out = relax.TensorType((blk.N, b, h, wd, -(-c // w)), f"uint{w}")
             thr = blk.thresholds
             self.bitpacks[key] = self.builder_.emit(relax.call_tir(

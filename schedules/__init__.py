@@ -94,18 +94,20 @@ def bitpack_func(
     word_bits: int,
     target: tvm.target.Target,
     scheduled: bool = True,
+    per_channel: bool = False,
 ) -> tvm.tirx.PrimFunc:
-    """Scheduled PrimFunc (x f32[B,C,H,W], thr f32[N]) -> uint{w}[N,B,H,W,ceil(C/w)]: x >= thr.
+    """Scheduled PrimFunc (x f32[B,C,H,W], thr f32[N] or [N,C]) -> uint{w}[N,B,H,W,ceil(C/w)].
 
     `scheduled=False`: the unscheduled TE PrimFunc whose pack block carries
     `schedule_rule = "abc_bitpack"` (the MetaSchedule rule registered by this package).
     """
     _check_word_bits(word_bits, target)
     x = te.placeholder((batch, channels, height, width), "float32", name="x")
-    v = te.placeholder((planes,), "float32", name="v")
+    v = te.placeholder((planes, channels) if per_channel else (planes,), "float32", name="v")
     packed = compute.bitpack(x, v, word_bits)
     func = te.create_prim_func([x, v, packed])
-    name = f"abc_bitpack_b{batch}c{channels}h{height}w{width}n{planes}u{word_bits}"
+    name = (f"abc_bitpack_b{batch}c{channels}h{height}w{width}n{planes}u{word_bits}"
+            f"{'pc' if per_channel else ''}")
     if not scheduled:
         return _finish(_tunable(func, compute.PACK), name, scheduled=False)
     func = _schedules(target).schedule_bitpack(func)
@@ -271,19 +273,19 @@ def abc_block_func(spec: compute.BlockSpec, target: tvm.target.Target,
 
 def bitpack_nhwc_func(batch: int, height: int, width: int, channels: int, planes: int,
                       word_bits: int, target: tvm.target.Target,
-                      scheduled: bool = True) -> tvm.tirx.PrimFunc:
-    """(x f32[B,H,W,C] NHWC, thr f32[N]) -> uint{w}[N,B,H,W,ceil(C/w)]: vector compares.
-
-    thr = `compute.exact_thresholds(v)`: bit = x >= thr[n], exactly float32(x + v) >= 0.5.
+                      scheduled: bool = True, per_channel: bool = False) -> tvm.tirx.PrimFunc:
+    """(x f32[B,H,W,C] NHWC, thr f32[N] or [N,C]) -> uint{w}[N,B,H,W,ceil(C/w)]: vector
+    compares, bit = x >= thr[n] (or thr[n, c]): the block's exact thresholds.
     """
     _check_word_bits(word_bits, target)
     x = te.placeholder((batch, height, width, channels), "float32", name="x")
-    v = te.placeholder((planes,), "float32", name="thr")
+    v = te.placeholder((planes, channels) if per_channel else (planes,), "float32", name="thr")
     packed = compute.pack_nhwc(x, v, word_bits, name=compute.PACK,
                                attrs={"schedule_rule": compute.BITPACK_RULE,
                                       compute.PACK_KEY: "nhwc"})
     func = te.create_prim_func([x, v, packed])
-    name = f"abc_bitpack_nhwc_b{batch}h{height}w{width}c{channels}n{planes}u{word_bits}"
+    name = (f"abc_bitpack_nhwc_b{batch}h{height}w{width}c{channels}n{planes}u{word_bits}"
+            f"{'pc' if per_channel else ''}")
     if not scheduled:
         return _finish(_tunable(func, compute.PACK), name, scheduled=False)
     with target:

@@ -119,8 +119,9 @@ def bitpack(x: te.Tensor, v: te.Tensor, word_bits: int) -> te.Tensor:
     def _pack(n, b, h, w, k):
         c = k * word_bits + j
         # Clamp keeps the (discarded) load in bounds for the pad channels of the last word.
-        value = x[b, tvm.tirx.min(c, channels - 1), h, w]
-        on = tvm.tirx.all(c < channels, value >= v[n])
+        cc = tvm.tirx.min(c, channels - 1)
+        thr = v[n] if len(v.shape) == 1 else v[n, cc]  # per plane, or per plane and channel
+        on = tvm.tirx.all(c < channels, x[b, cc, h, w] >= thr)
         bit = tvm.tirx.const(1, dtype) << j.astype(dtype)
         return te.sum(tvm.tirx.Select(on, bit, tvm.tirx.const(0, dtype)), axis=j)
 
@@ -440,7 +441,8 @@ def block_weights(wbits: np.ndarray, vec: int) -> np.ndarray:
 
 def pack_nhwc(src: te.Tensor, thr: te.Tensor, word_bits: int, name: str = PACK_OUT,
               attrs: dict | None = None) -> te.Tensor:
-    """Bit-planes [N, B, H, W, ceil(C/w)] of an NHWC float tensor: bit j is src >= thr[n].
+    """Bit-planes [N, B, H, W, ceil(C/w)] of an NHWC float tensor: bit j is src >= thr[n]
+    (thr [N]) or src >= thr[n, c] (thr [N, C], per-channel thresholds).
 
     `thr` holds `exact_thresholds(v)`, so the bit is float32(src + v) >= 0.5 exactly. A
     word of one pixel reads w contiguous channels, so a word packs from vector compares (the
@@ -456,12 +458,16 @@ def pack_nhwc(src: te.Tensor, thr: te.Tensor, word_bits: int, name: str = PACK_O
     j = te.reduce_axis((0, bits), name="j")
     exact = channels % word_bits == 0 or channels < word_bits
 
+    def _thr(n, c):
+        return v[n] if len(v.shape) == 1 else v[n, c]  # per plane, or per plane and channel
+
     def _pack(n, b, h, w, k):
         c = k * word_bits + j
         if exact:
-            on = src[b, h, w, c] >= v[n]
+            on = src[b, h, w, c] >= _thr(n, c)
         else:
-            on = tvm.tirx.all(c < channels, src[b, h, w, tvm.tirx.min(c, channels - 1)] >= v[n])
+            cc = tvm.tirx.min(c, channels - 1)
+            on = tvm.tirx.all(c < channels, src[b, h, w, cc] >= _thr(n, cc))
         bit = tvm.tirx.shift_left(tvm.tirx.const(1, dtype), j.astype(dtype))
         return te.sum(tvm.tirx.Select(on, bit, tvm.tirx.const(0, dtype)), axis=j)
 

@@ -117,8 +117,9 @@ def apply_bitpack_nhwc(sch: s_tir.Schedule, rows: Knob) -> None:
     ho, _ = sch.split(h, [None, rows])
     sch.parallel(sch.fuse(n, b, ho))
     func = sch.mod["main"]
-    x, out = func.params[0], func.params[-1]
-    _schedule_pack(sch, pack, int(x.shape[3]), int(out.dtype.bits), "global")
+    x, thr, out = func.params[0], func.params[1], func.params[-1]
+    _schedule_pack(sch, pack, int(x.shape[3]), int(out.dtype.bits), "global",
+                   per_channel=len(thr.shape) == 2)
 
 
 def schedule_bitpack_nhwc(func: tirx.PrimFunc) -> tirx.PrimFunc:
@@ -356,12 +357,13 @@ def apply_block(sch: s_tir.Schedule, spec: C.BlockSpec, knobs: BlockKnobs) -> No
 
 
 def _schedule_pack(sch: s_tir.Schedule, pack: s_tir.SBlockRV, channels: int, word_bits: int,
-                   scope: str) -> None:
+                   scope: str, per_channel: bool = False) -> None:
     """Bit-pack words of an NHWC float tile: compare + movmsk per 8 channels where possible."""
     j = sch.get_loops(pack)[-1]
     bits = int(sch.get(j).extent)
     init = sch.decompose_reduction(pack, j)
-    name = pack_intrin(bits, scope) if _movmsk_ok(channels, word_bits, bits) else None
+    ok = _movmsk_ok(channels, word_bits, bits)
+    name = pack_intrin(bits, scope, per_channel) if ok else None
     if name is not None:
         sch.tensorize(j, name)
     del init
@@ -381,12 +383,15 @@ def _movmsk_ok(channels: int, word_bits: int, bits: int) -> bool:
     return word_bits == 64 and bits % 8 == 0 and (channels % word_bits == 0 or channels < 64)
 
 
-def pack_intrin(bits: int, scope: str) -> str:
+def pack_intrin(bits: int, scope: str, per_channel: bool = False) -> str:
     """Tensor intrinsic: one packed word from `bits` floats: (z >= thr) via vcmpps + movmsk.
 
     `llvm.x86.avx.movmsk.ps.256` takes the sign bits of 8 float lanes; the lanes are the
     all-ones / zero int32 result of the float32 compare, so NaN packs to 0 as in ONNX.
+    `per_channel`: one threshold per channel (a vector load) instead of one per word.
     """
+    if per_channel:
+        return _pack_intrin_per_channel(bits, scope)
     name = f"abc_pack_movmsk_thr_{bits}_{scope}"
     if s_tir.TensorIntrin.get(name, allow_missing=True) is not None:
         return name
@@ -416,6 +421,46 @@ def pack_intrin(bits: int, scope: str) -> str:
             T.writes(w[0])
             for g in T.unroll(groups):
                 mask = T.Select(z[T.ramp(g * 8, 1, 8)] >= T.broadcast(v[0], 8),
+                                T.broadcast(T.int32(-1), 8), T.broadcast(T.int32(0), 8))
+                lanes = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(movmsk),
+                    T.reinterpret(mask, dtype="float32x8"), dtype="int32")
+                w[0] = w[0] | T.shift_left(T.Cast("uint64", lanes), T.Cast("uint64", g * 8))
+
+    s_tir.TensorIntrin.register(name, desc, impl)
+    return name
+
+
+def _pack_intrin_per_channel(bits: int, scope: str) -> str:
+    name = f"abc_pack_movmsk_thrpc_{bits}_{scope}"
+    if s_tir.TensorIntrin.get(name, allow_missing=True) is not None:
+        return name
+    groups = bits // 8
+    movmsk = "llvm.x86.avx.movmsk.ps.256"
+
+    @T.prim_func(s_tir=True)
+    def desc(z: T.Buffer((bits,), "float32", offset_factor=1, scope=scope),
+             v: T.Buffer((bits,), "float32", offset_factor=1),
+             w: T.Buffer((1,), "uint64", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(w[0], v[0:bits], z[0:bits])
+            T.writes(w[0])
+            for j in range(bits):
+                with T.sblock("update"):
+                    vj = T.axis.remap("R", [j])
+                    w[0] = w[0] + T.Select(
+                        v[vj] <= z[vj],
+                        T.shift_left(T.uint64(1), T.Cast("uint64", vj)), T.uint64(0))
+
+    @T.prim_func(s_tir=True)
+    def impl(z: T.Buffer((bits,), "float32", offset_factor=1, scope=scope),
+             v: T.Buffer((bits,), "float32", offset_factor=1),
+             w: T.Buffer((1,), "uint64", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(w[0], v[0:bits], z[0:bits])
+            T.writes(w[0])
+            for g in T.unroll(groups):
+                mask = T.Select(z[T.ramp(g * 8, 1, 8)] >= v[T.ramp(g * 8, 1, 8)],
                                 T.broadcast(T.int32(-1), 8), T.broadcast(T.int32(0), 8))
                 lanes = T.call_llvm_pure_intrin(
                     T.llvm_lookup_intrinsic_id(movmsk),

@@ -155,11 +155,17 @@ def test_binary_conv_bias_becomes_glue():
     assert blk.M == 1
 
 
-def test_float_conv_bias_is_kept():
+def test_float_conv_bias_is_split_too_and_computed_bias_kept():
+    """Every constant bias is split (as TVM's importer does); a computed one stays."""
     w = np.random.default_rng(3).standard_normal((4, 3, 3, 3)).astype(np.float32)
     m = model([helper.make_node("Conv", ["x", "w", "b"], ["y"])], [("x", [1, 3, 3, 3])],
               [("y", [1, 4, 1, 1])], [("w", w), ("b", np.ones(4, np.float32))])
-    assert rules.split_conv_bias(Graph(m)) == []
+    (note,) = rules.split_conv_bias(Graph(m))
+    assert "float conv" in note.detail
+    m2 = model([helper.make_node("Relu", ["c"], ["b"]),
+                helper.make_node("Conv", ["x", "w", "b"], ["y"])],
+               [("x", [1, 3, 3, 3]), ("c", [4])], [("y", [1, 4, 1, 1])], [("w", w)])
+    assert rules.split_conv_bias(Graph(m2)) == []
 
 
 # ------------------------------------------------------------------ binary_fc_as_conv

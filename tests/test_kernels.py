@@ -750,3 +750,27 @@ def test_cuda_kernel_uses_popc():
         32,
     )
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("nhwc", [True, False], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("channels", [64, 70, 24])
+def test_bitpack_per_channel_thresholds_bit_exact(nhwc: bool, channels: int):
+    """thr [N, C]: bit = x >= thr[n, c] (RSign's per-channel bias folded into thresholds),
+    including values exactly at and one ulp under each threshold."""
+    rng = np.random.default_rng(channels)
+    planes, shape = 2, (2, channels, 3, 5)
+    thr = rng.uniform(-0.5, 0.5, (planes, channels)).astype(np.float32)
+    x = rng.uniform(-1, 1, shape).astype(np.float32)
+    x[0, :, 0, 0] = thr[0]
+    x[0, :, 0, 1] = np.nextafter(thr[0], np.float32(-np.inf))
+    bits = x[None] >= thr[:, None, :, None, None]  # [N, B, C, H, W]
+    expected = ref.pack_bits(bits.transpose(0, 1, 3, 4, 2), 64)
+    b, c, h, w = shape
+    if nhwc:
+        func = schedules.bitpack_nhwc_func(b, h, w, c, planes, 64, HOST, per_channel=True)
+        src = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    else:
+        func = schedules.bitpack_func(b, c, h, w, planes, 64, HOST, per_channel=True)
+        src = x
+    got = _run(tvm.compile(func, target=HOST).mod, src, thr, out=np.zeros_like(expected))
+    np.testing.assert_array_equal(got, expected)

@@ -257,3 +257,24 @@ def test_other_threshold_is_binary_at_its_exact_threshold():
             return np.clip(np.float32(x) + np.float32(v), np.float32(0), np.float32(1)) \
                 >= np.float32(0.4)
         assert on(t) and not on(np.nextafter(t, np.float32(-np.inf)))
+
+
+def test_sign_of_per_channel_bias_gives_per_channel_thresholds():
+    """ReActNet's RSign, Sign(x + b[c]): one exact threshold per input channel, the least
+    float32 x with fl(x + b[c]) >= 0."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    b = np.array([0.3, -0.7, 1e-8], np.float32).reshape(1, 3, 1, 1)
+    w = np.ones((2, 3, 1, 1), np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Add", ["x", "b"], ["h"]), helper.make_node("Sign", ["h"], ["s"]),
+         helper.make_node("Conv", ["s", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 2, 2])],
+        [numpy_helper.from_array(b, "b"), numpy_helper.from_array(w, "w")])
+    (blk,), _ = pattern.find_abc_blocks(pattern.from_onnx(helper.make_model(g)))
+    assert blk.input == "x" and blk.thresholds.shape == (1, 3)
+    for c, t in enumerate(blk.thresholds[0]):
+        assert np.float32(t + b.flat[c]) >= 0
+        assert np.float32(np.nextafter(t, np.float32(-np.inf)) + b.flat[c]) < 0
+    assert blk.summary()["thresholds"] == "per channel"

@@ -92,14 +92,15 @@ def snap_weights(g: Graph) -> list[Note]:
 
 
 def split_conv_bias(g: Graph) -> list[Note]:
-    """Conv(x, W, b) with a binary W: Conv(x, W) + b[1, O, 1, 1], so the bias is glue the
-    binary kernel fuses (and the matcher sees a bias-free conv)."""
+    """Conv(x, W, b) -> Conv(x, W) + b[1, O, 1, 1]: a binary conv's bias becomes glue its
+    kernel fuses, and every conv is written as TVM's importer writes it (conv2d, then add),
+    so a binarizer after a float conv reads the same bias Add at both levels."""
     notes = []
     for node in list(g.nodes):
         if node.op_type != "Conv" or len(node.input) < 3 or not node.input[2]:
             continue
         w, b = g.const(node.input[1]), g.const(node.input[2])
-        if w is None or b is None or w.ndim != 4 or not _binary_weight(w):
+        if w is None or b is None or w.ndim != 4 or b.ndim != 1:
             continue
         out = node.output[0]
         conv_out = g.fresh(out)
@@ -107,7 +108,8 @@ def split_conv_bias(g: Graph) -> list[Note]:
         del node.input[2]
         g.rename_output(node, out, conv_out)
         g.add_node_named("Add", [conv_out, bias], [out], f"{node.name}.bias_add")
-        notes.append(Note(node.name, "split_conv_bias", "bias added after the conv"))
+        kind = "binary" if _binary_weight(w) else "float"
+        notes.append(Note(node.name, "split_conv_bias", f"{kind} conv's bias added after it"))
     return notes
 
 
