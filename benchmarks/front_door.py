@@ -54,6 +54,7 @@ def main() -> None:
           "| vs ORT | binary layers | binary GMAC | binary bound ms |")
     print("|---|---|---|---|---|---|---|---|")
     tmp = Path(tempfile.mkdtemp())
+    layer_lines: list[str] = []
     for name in args.models.split(","):
         build, size = RESEARCH_ZOO[name]
         net = build(seed=0)
@@ -83,10 +84,56 @@ def main() -> None:
         best = {k: min(b for b, _ in v) for k, v in res.items()}
         med = {k: float(np.median([m for _, m in v])) for k, v in res.items()}
         bound = macs / (peak * 1e9) * 1e3
+        per_layer = in_model_layers(so, xn)
+        pct = [geo[a["name"]] / (peak * 1e6) / ms * 100
+               for a, ms in zip(report.abc_layers, per_layer, strict=True)]
+        worst = sorted(zip(pct, report.abc_layers, strict=True), key=lambda t: t[0])[:3]
+        layer_lines.append(
+            f"{name}: binary layers in the model at {min(pct):.0f}-{max(pct):.0f}% of peak "
+            f"(median {float(np.median(pct)):.0f}%), {sum(per_layer):.2f} ms in all; lowest: "
+            + "; ".join(f"{a['out_channels']}x{a['in_channels']}x{a['kernel'][0]}x"
+                        f"{a['kernel'][1]} s{a['strides'][0]} {p:.0f}%" for p, a in worst))
         print(f"| {name} | {best['abc']:.1f} / {med['abc']:.1f} | {best['ort']:.1f} / "
               f"{med['ort']:.1f} | {best['torch']:.1f} | {best['ort'] / best['abc']:.2f}x | "
               f"{len(report.abc_layers)} | {macs / 1e9:.2f} | {bound:.2f} |  (max rel err "
               f"{err:.1e})")
+    print()
+    for line in layer_lines:
+        print(line)
+
+
+def in_model_layers(so: Path, x: np.ndarray, runs: int = 30) -> list[float]:
+    """Best time (ms) of each binary kernel call inside the model, in call order, with the
+    bit-pack call before it counted in (it packs that kernel's input)."""
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(so)), tvm.cpu())
+    xt = tvm.runtime.tensor(x, tvm.cpu())
+    calls: list[tuple[str, float]] = []
+    start = [0.0]
+
+    def instrument(_f, symbol, before, _r, *_a) -> int:
+        if before:
+            start[0] = time.perf_counter()
+        else:
+            calls.append((str(symbol), time.perf_counter() - start[0]))
+        return 0
+
+    vm.set_instrument(instrument)
+    best: list[float] | None = None
+    for _ in range(runs):
+        calls.clear()
+        vm["main"](xt)
+        layers, pack = [], 0.0
+        for sym, secs in calls:
+            if sym.startswith("abc_bitpack"):
+                pack += secs
+            elif sym.startswith(("abc_block", "abc_conv")):
+                layers.append((secs + pack) * 1e3)
+                pack = 0.0
+        best = layers if best is None else [min(a, b) for a, b in zip(best, layers, strict=True)]
+    return best or []
 
 
 def _out_pixels(model, report) -> dict[str, int]:
