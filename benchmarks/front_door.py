@@ -102,38 +102,14 @@ def main() -> None:
         print(line)
 
 
-def in_model_layers(so: Path, x: np.ndarray, runs: int = 30) -> list[float]:
+def in_model_layers(so: Path, x: np.ndarray) -> list[float]:
     """Best time (ms) of each binary kernel call inside the model, in call order, with the
-    bit-pack call before it counted in (it packs that kernel's input)."""
-    import tvm
-    from tvm import relax
+    bit-pack before it counted in: the profile `abc-tvm bench` takes."""
+    from abc_tvm.bench import _profile_kernels
 
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(so)), tvm.cpu())
-    xt = tvm.runtime.tensor(x, tvm.cpu())
-    calls: list[tuple[str, float]] = []
-    start = [0.0]
-
-    def instrument(_f, symbol, before, _r, *_a) -> int:
-        if before:
-            start[0] = time.perf_counter()
-        else:
-            calls.append((str(symbol), time.perf_counter() - start[0]))
-        return 0
-
-    vm.set_instrument(instrument)
-    best: list[float] | None = None
-    for _ in range(runs):
-        calls.clear()
-        vm["main"](xt)
-        layers, pack = [], 0.0
-        for sym, secs in calls:
-            if sym.startswith("abc_bitpack"):
-                pack += secs
-            elif sym.startswith(("abc_block", "abc_conv")):
-                layers.append((secs + pack) * 1e3)
-                pack = 0.0
-        best = layers if best is None else [min(a, b) for a, b in zip(best, layers, strict=True)]
-    return best or []
+    xpath = so.with_suffix(".x.npy")
+    np.save(xpath, x)
+    return [layer["ms"] for layer in _profile_kernels(str(so), str(xpath), repeat=30)]
 
 
 def _out_pixels(model, report) -> dict[str, int]:

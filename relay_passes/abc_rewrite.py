@@ -231,20 +231,6 @@ class _Glue:
     kinds: list[str] = field(default_factory=list)  # their op kinds, for the report
 
 
-def _per_channel(c: np.ndarray, channels: int) -> np.ndarray | None:
-    """A constant that broadcasts over NCHW as one value per channel, as float32 [C]."""
-    c = np.asarray(c)
-    if c.dtype != np.float32:
-        return None
-    if c.size == 1:
-        return np.full(channels, c.reshape(()), np.float32)
-    if c.size == channels and c.ndim >= 3 and c.shape[-2:] == (1, 1) and c.shape[-3] == channels:
-        return c.reshape(channels).astype(np.float32)
-    if c.ndim == 4 and c.shape[1] == channels and np.all(c == c[:1, :, :1, :1]):
-        return c[0, :, 0, 0].astype(np.float32)  # a per-channel value expanded over B, H, W
-    return None
-
-
 def _affine(glue: _Glue, s: np.ndarray | None, t: np.ndarray | None, channels: int) -> None:
     """Compose z*s + t after the glue's affine so far (float32, as the ops would round)."""
     s0 = glue.scale if glue.scale is not None else np.ones(channels, np.float32)
@@ -311,7 +297,7 @@ def _glue_chain(g: pattern.Graph, blk: pattern.ABCBlock, shapes: dict[str, tuple
             other = u.inputs[1] if u.inputs[0] == cur else u.inputs[0]
             c = g.const(other)
             if c is not None:
-                pc = _per_channel(c, channels)
+                pc = pattern.per_channel(c, channels)
                 if pc is None:
                     return glue
                 if stage == 0:
@@ -341,7 +327,7 @@ def _glue_chain(g: pattern.Graph, blk: pattern.ABCBlock, shapes: dict[str, tuple
         if u.op == "relax.nn.prelu" and stage < 2 and u.inputs[0] == cur \
                 and u.attrs.get("axis") == 1:
             slope = g.const(u.inputs[1])
-            pc = None if slope is None else _per_channel(
+            pc = None if slope is None else pattern.per_channel(
                 np.asarray(slope).reshape(-1, 1, 1) if np.asarray(slope).ndim == 1 else slope,
                 channels)
             if pc is None:

@@ -95,12 +95,7 @@ class Graph:
                  **attrs) -> list[str]:
         """Append a node (order is restored by `to_model`); returns its output names."""
         outs = [self.fresh(hint) for _ in range(n_out)]
-        node = helper.make_node(op, inputs, outs, name=self.fresh(hint), **attrs)
-        self.nodes.append(node)
-        self._producer.update({o: node for o in outs})
-        for i in inputs:
-            if i:
-                self._consumers[i].append(node)
+        self.add_node_named(op, inputs, outs, hint, **attrs)
         return outs
 
     def add_node_named(self, op: str, inputs: list[str], outputs: list[str], hint: str,
