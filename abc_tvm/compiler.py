@@ -10,12 +10,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 import tvm
 
 from abc_tvm import frontend, pattern, targets
-from abc_tvm.canonical import Note, canonicalize
+from abc_tvm.blocks import Front, front
 from abc_tvm.errors import UserError
 from abc_tvm.relay_passes.abc_rewrite import rewrite
 
@@ -151,40 +150,28 @@ BINARIZERS = {
 }
 
 
-def _report(proto: onnx.ModelProto, model_name: str, spec: targets.TargetSpec,
-            onnx_match: tuple[list[pattern.ABCBlock], list[pattern.Miss]],
-            relax_blocks: list, relax_misses: list[pattern.Miss],
-            notes: list[Note] = ()) -> Report:
-    """Name the rewritten blocks after their ONNX nodes and list every other node as float.
-
-    The Relax importer keeps ONNX node order, so the i-th block found in Relax is the i-th
-    block found in ONNX; the pair is cross-checked on M, N and weight shape.
-    """
-    onnx_blocks, onnx_misses = onnx_match
-    report = Report(model_name, spec.name,
-                    canonical=[{"node": n.node, "rule": n.rule, "detail": n.detail} for n in notes])
+def _report(fr: Front, model_name: str, spec: targets.TargetSpec, rewritten: list,
+            refused: list[pattern.Miss]) -> Report:
+    """The rewritten blocks under their ONNX names (the blocks are the ONNX match's own),
+    then every other node of the canonical model as a float op, with the reason."""
+    report = Report(model_name, spec.name, canonical=[
+        {"node": n.node, "rule": n.rule, "detail": n.detail} for n in fr.notes])
+    by_name = {b.name: b for b in fr.blocks}
+    graph = pattern.from_onnx(fr.proto)
     covered: set[str] = set()
-    pairs = list(zip(onnx_blocks, relax_blocks, strict=False))
-    same = len(onnx_blocks) == len(relax_blocks) and all(
-        o.bases.shape == r.block.bases.shape and o.N == r.block.N for o, r in pairs)
-    graph = pattern.from_onnx(proto) if same else None
-    for i, r in enumerate(relax_blocks):
-        blk = onnx_blocks[i] if same else r.block
-        fused = _fused_glue(graph, blk.output, r.glue) if same else []
-        covered.update([*blk.ops, *fused] if same else [])
-        rules = sorted({n.rule for n in notes if n.node in (blk.name, *blk.ops)}
-                       | ({n.rule for n in notes if not n.node}))
-        report.abc_layers.append({**r.block.summary(), "name": blk.name,
-                                  "kernel_impl": r.kernel, "word_bits": spec.word_bits,
-                                  "fused_ops": fused, "rules": rules,
-                                  "binarizer": BINARIZERS[blk.act_form]})
-    reasons = {m.name: m.reason for m in onnx_misses}
-    reasons.update({m.name: m.reason for m in relax_misses})
-    rewritten = {b.name for b in onnx_blocks} if same else set()
-    for o in onnx_blocks:
-        if o.name not in rewritten:
-            reasons[o.name] = "ABC pattern found in ONNX but not rewritten in Relax"
-    for i, node in enumerate(proto.graph.node):
+    for r in rewritten:
+        blk = by_name[r.block.name]
+        fused = _fused_glue(graph, blk.output, r.glue)
+        covered.update([*blk.ops, *fused])
+        rules = sorted({n.rule for n in fr.notes if n.node in (blk.name, *blk.ops)}
+                       | ({n.rule for n in fr.notes if not n.node}))
+        report.abc_layers.append({**blk.summary(), "kernel_impl": r.kernel,
+                                  "word_bits": spec.word_bits, "fused_ops": fused,
+                                  "rules": rules, "binarizer": BINARIZERS[blk.act_form]})
+    reasons = {m.name: m.reason for m in [*fr.misses, *refused]}
+    for m in refused:  # computed as float ops: every op of the block is a float op
+        covered.difference_update(by_name[m.name].ops)
+    for i, node in enumerate(fr.proto.graph.node):
         name = node.name or f"{node.op_type}_{i}"
         if name in covered or node.op_type == "Constant":
             continue
@@ -194,22 +181,6 @@ def _report(proto: onnx.ModelProto, model_name: str, spec: targets.TargetSpec,
                              else "not an ABC convolution")
         report.float_ops.append({"name": name, "op": node.op_type, "reason": reason})
     return report
-
-
-def onnx_blocks_only(blocks: list[pattern.ABCBlock]):
-    """A `rewrite(accept=...)` filter: only blocks the ONNX-level matcher found (same weights,
-    shifts and scales). The Relax importer splits some ops the contract rejects (a Conv's
-    bias becomes a separate add), so the ONNX graph has the final say on what is ABC."""
-
-    def key(b: pattern.ABCBlock) -> tuple:
-        # Σ α_m B_m, not the bases: a weight may be decomposed differently at each level
-        # (the importer folds Mul(α, B) into one constant). float64 sums ≤ 8 terms exactly.
-        weight = np.einsum("mo,mo...->o...", b.alpha.astype(np.float64), b.bases)
-        return (b.bases.shape[1:], weight.astype(np.float32).tobytes(),
-                b.thresholds.tobytes(), np.float32(b.beta).tobytes(), b.act)
-
-    known = {key(b) for b in blocks}
-    return lambda b: None if key(b) in known else "not an ABC block of the ONNX graph"
 
 
 def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
@@ -227,15 +198,10 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
     output = Path(output)
     if not output.parent.exists():
         raise UserError(f"output directory {output.parent} does not exist")
-    proto, notes = canonicalize(frontend.load(model))
+    fr = front(model)
+    proto, mod = fr.proto, fr.mod
     model_name = str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>"
-    onnx_match = pattern.find_abc_blocks(pattern.from_onnx(proto))
-    for miss in onnx_match[1]:
-        if miss.error:
-            raise UserError(f"{miss.name}: {miss.reason}")
-    mod = frontend.to_relax(proto)
-    accept = onnx_blocks_only(onnx_match[0])
-    scheduled, rewritten, misses = rewrite(mod, spec.target, spec.word_bits, accept=accept)
+    scheduled, rewritten, misses = rewrite(mod, spec.target, spec.word_bits, blocks=fr.blocks)
     database, dirs, applied = None, [], []
     if spec.kind == "llvm":
         from abc_tvm.tuning import find_databases, load_databases
@@ -255,13 +221,13 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
         fallback = {gv.name_hint: f for gv, f in scheduled.functions.items()
                     if isinstance(f, tvm.tirx.PrimFunc)}
         mod, rewritten, misses = rewrite(mod, spec.target, spec.word_bits, tunable=True,
-                                         accept=accept)
-    if onnx_match[0] and not rewritten:
+                                         blocks=fr.blocks)
+    if fr.blocks and not rewritten:
         why = "; ".join(dict.fromkeys(m.reason for m in misses)) or "no reason given"
-        raise UserError(f"{len(onnx_match[0])} ABC block(s) found in the model but none could "
+        raise UserError(f"{len(fr.blocks)} ABC block(s) found in the model but none could "
                         f"be turned into binary kernels ({why}); refusing to build a model "
                         "whose ABC layers would all run as float convs")
-    report = _report(proto, model_name, spec, onnx_match, rewritten, misses, notes)
+    report = _report(fr, model_name, spec, rewritten, misses)
     if not rewritten:
         print("abc-tvm compile: warning: no ABC convolution found; the model runs entirely in "
               "float", file=sys.stderr)

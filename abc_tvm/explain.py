@@ -11,8 +11,7 @@ import os
 
 import onnx
 
-from abc_tvm import frontend, pattern
-from abc_tvm.canonical import canonicalize
+from abc_tvm.blocks import match
 from abc_tvm.compiler import BINARIZERS
 
 _LAYERS = ("Conv", "Gemm", "MatMul")
@@ -21,10 +20,9 @@ _LAYERS = ("Conv", "Gemm", "MatMul")
 def inspect_model(model: str | os.PathLike | onnx.ModelProto,
                   output: str | os.PathLike | None = None) -> tuple[list[dict], list]:
     """One entry per conv/FC of the canonical model (and write that model to `output`)."""
-    canonical, notes = canonicalize(frontend.load(model))
+    canonical, notes, blocks, misses = match(model)  # what compile decides, and nothing else
     if output is not None:
         onnx.save(canonical, os.fspath(output))
-    blocks, misses = pattern.find_abc_blocks(pattern.from_onnx(canonical))
     by_op = {op: b for b in blocks for op in b.ops}
     why = {m.name: m.reason for m in misses}
     rows = []

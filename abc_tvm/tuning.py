@@ -20,7 +20,7 @@ from tqdm import tqdm
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from abc_tvm import frontend, targets
+from abc_tvm import targets
 from abc_tvm.errors import UserError
 from abc_tvm.relay_passes.abc_rewrite import rewrite
 
@@ -106,13 +106,11 @@ class TuneResult:
 def extract(model: str | os.PathLike, spec: targets.TargetSpec) -> list:
     """The tuning tasks of a model: every PrimFunc of its rewritten, legalized Relax module
     (the ABC kernels and the float ops), exactly as `compile` will look them up."""
-    from abc_tvm import pattern
-    from abc_tvm.compiler import legalize_passes, onnx_blocks_only
+    from abc_tvm.blocks import front
+    from abc_tvm.compiler import legalize_passes
 
-    proto = frontend.load(model)
-    blocks, _ = pattern.find_abc_blocks(pattern.from_onnx(proto))
-    mod, _, _ = rewrite(frontend.to_relax(proto), spec.target, spec.word_bits, tunable=True,
-                        accept=onnx_blocks_only(blocks))
+    fr = front(model)  # the same front end as compile: canonical form, blocks explicit
+    mod, _, _ = rewrite(fr.mod, spec.target, spec.word_bits, tunable=True, blocks=fr.blocks)
     with spec.target, tvm.transform.PassContext(opt_level=3):
         mod = tvm.transform.Sequential(legalize_passes(spec))(mod)
     return ms.relax_integration.extract_tasks(mod, spec.target)

@@ -20,6 +20,7 @@ Other targets:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from abc_tvm import pattern
+from abc_tvm.blocks import block_index
 from abc_tvm.reference import pack_weights
 from abc_tvm.relay_passes import float_layout
 from abc_tvm.schedules import (
@@ -103,6 +105,11 @@ def _graph(func: relax.Function) -> tuple[pattern.Graph, dict[str, relax.Var]]:
                 ops.append(pattern.Op(out, type(v).__name__, ins, [out], extra))
                 continue
             op = v.op.name
+            index = block_index(v)
+            if index is not None:  # a block decided on the ONNX graph, carried explicitly
+                x, out = name(v.args[1].fields[0]), name(b.var)
+                ops.append(pattern.Op(out, "ABCBlock", [x], [out], {"index": index}))
+                continue
             if op == "relax.call_tir":
                 gv, args = v.args[0], list(v.args[1].fields)
                 m = _TIR_MINMAX.match(gv.name_hint)
@@ -165,18 +172,50 @@ def _shape(e: relax.Expr) -> tuple[int, ...]:
     return tuple(int(d) for d in e.ty.shape)
 
 
+def _float_block(bb: relax.BlockBuilder, x: relax.Expr, blk: pattern.ABCBlock) -> relax.Expr:
+    """A block as float ops (for one the kernels refuse): per plane, the bits X >= T as 0/1
+    (bipolar: ±1), conv with W = Σ_m α_m B_m (float32, in order, as the matcher verified it
+    equals the graph's weight), times β_n, summed over planes."""
+    w = np.zeros(blk.bases.shape[1:], np.float32)
+    for m in range(blk.M):
+        w = w + (blk.alpha[m].reshape(-1, 1, 1, 1) * blk.bases[m]).astype(np.float32)
+    y = None
+    for n in range(blk.N):
+        t = blk.thresholds[n]
+        t = relax.const(t.reshape(1, -1, 1, 1) if np.ndim(t) else np.float32(t), "float32")
+        a = bb.emit(relax.op.astype(relax.op.greater_equal(x, t), "float32"))
+        if blk.act == "bipolar":
+            a = bb.emit(relax.op.subtract(relax.op.multiply(a, relax.const(2.0, "float32")),
+                                          relax.const(1.0, "float32")))
+        z = bb.emit(relax.op.nn.conv2d(a, relax.const(w, "float32"), strides=blk.strides,
+                                       padding=blk.pads))
+        z = relax.op.multiply(z, relax.const(np.float32(blk.beta[n]), "float32"))
+        if n < blk.N - 1:
+            z = bb.emit(z)
+        y = z if y is None else relax.op.add(y, z)
+        if n < blk.N - 1 and n:
+            y = bb.emit(y)
+    return y  # not emitted: the caller binds it to the block's own output var
+
+
 @mutator
 class _Rewriter(PyExprMutator):
     """Replace each block's output binding with the bitpack + ABC conv calls."""
 
     def __init__(self, mod: tvm.IRModule, plans: dict, target: tvm.target.Target,
-                 word_bits: int, scheduled: bool = True) -> None:
+                 word_bits: int, scheduled: bool = True, floats: dict | None = None) -> None:
         super().__init__(mod)
         self.plans, self.target, self.word_bits = plans, target, word_bits
         self.scheduled = scheduled
+        self.floats = floats or {}  # output var -> (block, input var): lowered as float ops
         self.kernels: list[str] = []
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        if binding.var in self.floats:
+            blk, x = self.floats[binding.var]
+            value = _float_block(self.builder_, self.visit_expr(x), blk)
+            super().visit_var_binding_(relax.VarBinding(binding.var, value))
+            return
         plan = self.plans.get(binding.var)
         if plan is None:
             super().visit_var_binding_(binding)
@@ -388,8 +427,10 @@ class _FusedRewriter(PyExprMutator):
     """Emit each plan's kernel at its chain end; the replaced float ops become dead code."""
 
     def __init__(self, mod: tvm.IRModule, plans: dict[str, _Plan], vars_: dict[str, relax.Var],
-                 target: tvm.target.Target, word_bits: int, scheduled: bool) -> None:
+                 target: tvm.target.Target, word_bits: int, scheduled: bool,
+                 floats: dict | None = None) -> None:
         super().__init__(mod)
+        self.floats = floats or {}
         self.plans, self.vars_, self.target = plans, vars_, target
         self.word_bits, self.scheduled = word_bits, scheduled
         self.by_var = {vars_[end]: end for end in plans}
@@ -427,6 +468,11 @@ class _FusedRewriter(PyExprMutator):
         return self.nhwc[name]
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        if binding.var in self.floats:
+            blk, x = self.floats[binding.var]
+            value = _float_block(self.builder_, self.visit_expr(x), blk)
+            super().visit_var_binding_(relax.VarBinding(binding.var, value))
+            return
         end = self.by_var.get(binding.var)
         if end is None:
             super().visit_var_binding_(binding)
@@ -489,9 +535,25 @@ def _fusable_target(target: tvm.target.Target, word_bits: int) -> bool:
             and not triple.startswith(("aarch64", "arm")))
 
 
+def _explicit_blocks(graph: pattern.Graph, blocks: list[pattern.ABCBlock] | None
+                     ) -> list[pattern.ABCBlock] | None:
+    """The blocks carried as explicit calls (`abc_tvm.blocks`), named by their Relax values.
+    `blocks=None` (a Relax module built some other way): None, and the matcher runs."""
+    calls = [op for op in graph.ops if op.op == "ABCBlock"]
+    if blocks is None:
+        if calls:
+            raise ValueError("the module carries explicit ABC blocks: pass them (blocks=)")
+        return None
+    if len(calls) != len(blocks):
+        raise ValueError(f"{len(blocks)} blocks given, {len(calls)} explicit block calls")
+    return [dataclasses.replace(blocks[op.attrs["index"]], input=op.inputs[0],
+                                output=op.outputs[0], ops=[op.name]) for op in calls]
+
+
 def rewrite(mod: tvm.IRModule, target: tvm.target.Target, word_bits: int,
             func_name: str = "main", tunable: bool = False, fuse_glue: bool | None = None,
             accept: Callable[[pattern.ABCBlock], str | None] | None = None,
+            blocks: list[pattern.ABCBlock] | None = None,
             ) -> tuple[tvm.IRModule, list[Rewritten], list[pattern.Miss]]:
     """Rewrite every ABC block of `mod[func_name]`; returns the module, the blocks, the misses.
 
@@ -506,7 +568,8 @@ def rewrite(mod: tvm.IRModule, target: tvm.target.Target, word_bits: int,
     """
     func = mod[func_name]
     graph, vars_ = _graph(func)
-    blocks, misses = pattern.find_abc_blocks(graph)
+    explicit = _explicit_blocks(graph, blocks)
+    blocks, misses = (explicit, []) if explicit is not None else pattern.find_abc_blocks(graph)
     if fuse_glue is None:
         fuse_glue = _fusable_target(target, word_bits)
     accepted: list[pattern.ABCBlock] = []
@@ -527,7 +590,10 @@ def rewrite(mod: tvm.IRModule, target: tvm.target.Target, word_bits: int,
                                        "block output shape differs from the conv"))
             continue
         accepted.append(blk)
-    if not accepted:
+    # an explicit block the kernels refuse still has to be computed: as float ops
+    floats = ({vars_[b.output]: (b, vars_[b.input]) for b in blocks if b not in accepted}
+              if explicit is not None else {})
+    if not accepted and not floats:
         return mod, [], misses
     if fuse_glue:
         shapes = {n: _shape(v) for n, v in vars_.items()
@@ -537,11 +603,12 @@ def rewrite(mod: tvm.IRModule, target: tvm.target.Target, word_bits: int,
             ", ".join(dict.fromkeys(p.glue.kinds)) or "epilogue"), list(p.glue.kinds))
             for p in fplans.values()]
         done.sort(key=lambda r: accepted.index(r.block))
-        rw = _FusedRewriter(mod, fplans, vars_, target, word_bits, scheduled=not tunable)
+        rw = _FusedRewriter(mod, fplans, vars_, target, word_bits, scheduled=not tunable,
+                            floats=floats)
     else:
         done = [Rewritten(b, "bitpack + abc_conv2d (AND/popcount)") for b in accepted]
         plans = {vars_[b.output]: (b, vars_[b.input]) for b in accepted}
-        rw = _Rewriter(mod, plans, target, word_bits, scheduled=not tunable)
+        rw = _Rewriter(mod, plans, target, word_bits, scheduled=not tunable, floats=floats)
     new_func = rw.visit_expr(func)
     rw.builder_.update_func(mod.get_global_var(func_name), new_func)
     out = rw.builder_.get()

@@ -118,3 +118,21 @@ def test_research_export_on_aarch64_under_qemu(name, tmp_path, ort_run, max_rel_
     y, ref = deploy.run_bundle(bundle, x), ort_run(path, x)
     assert max_rel_err(y, ref) <= 1e-2
     assert y.argmax(1).tolist() == ref.argmax(1).tolist()
+
+
+def test_zoo_and_inspect_cli(tmp_path, capsys, ort_run, max_rel_err):
+    """`zoo bireal18` writes the research-code export; `inspect` names every conv/FC's fate
+    and writes a canonical model that ONNX Runtime runs to the same output."""
+    from abc_tvm.cli import main
+
+    src, canon = tmp_path / "b.onnx", tmp_path / "c.onnx"
+    assert main(["zoo", "bireal18", "-o", str(src), "--image-size", "32",
+                 "--num-classes", "10"]) == 0
+    assert main(["inspect", str(src), "-o", str(canon)]) == 0
+    out = capsys.readouterr().out
+    assert "16 of 21 conv/FC layer(s) become binary kernels" in out
+    assert out.count("  binary  ") == 16 and "sign(0) read as +1" in out
+    assert "float   /stem/stem.0/Conv" in out and "straight_through" in out
+    x = np.random.default_rng(3).uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32)
+    assert max_rel_err(ort_run(str(canon), x), ort_run(str(src), x)) <= 1e-5
+    assert main(["inspect", str(tmp_path / "missing.onnx")]) == 2

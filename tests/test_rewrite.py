@@ -11,8 +11,10 @@ import json
 
 import onnx_builders as ob
 import pytest
+import tvm
 
-from abc_tvm import compiler, frontend, pattern, targets
+from abc_tvm import compiler, frontend, targets
+from abc_tvm.blocks import front
 from abc_tvm.errors import UserError
 from abc_tvm.relay_passes.abc_rewrite import rewrite
 from abc_tvm.runtime import load
@@ -79,10 +81,9 @@ def test_variant_compiles_and_matches_ort_and_reference(variant, cfg, tmp_path, 
 def test_near_miss_stays_float_is_reported_and_runs_right(name, tmp_path, ort_run, max_rel_err,
                                                          capfd):
     model, e = ob.NEAR_MISSES[name](M=2, N=2, batch=1)
-    onnx_blocks, _ = pattern.find_abc_blocks(pattern.from_onnx(model))
-    out, done, misses = rewrite(frontend.to_relax(model), SPEC.target, SPEC.word_bits,
-                                accept=compiler.onnx_blocks_only(onnx_blocks))
-    assert onnx_blocks == [] and done == [] and "R.nn.conv2d" in _relax_ops(out)
+    fr = front(model)
+    out, done, misses = rewrite(fr.mod, SPEC.target, SPEC.word_bits, blocks=fr.blocks)
+    assert fr.blocks == [] and done == [] and "R.nn.conv2d" in _relax_ops(out)
     so, rep = tmp_path / "m.so", tmp_path / "r.json"
     compiler.compile_model(model, "x86", so, report_path=rep, quiet=True)
     assert "no ABC convolution found" in capfd.readouterr().err
@@ -108,3 +109,23 @@ def test_abc_blocks_that_all_stay_float_fail_the_compile(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="none could be turned into binary kernels"):
         compiler.compile_model(model, "x86", tmp_path / "m.so", quiet=True)
     assert not (tmp_path / "m.so").exists()
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+def test_explicit_block_the_kernels_refuse_runs_as_float(fuse, ort_run, max_rel_err):
+    """A block decided on the ONNX graph but refused by the rewrite is still computed, as
+    float ops from its own facts (thresholds, Σ α B, β), never left as a dangling call."""
+    model, e = ob.canonical(M=2, N=3, seed=4, batch=2)
+    fr = front(model)
+    assert len(fr.blocks) == 1 and "abc_tvm.block.0" in _relax_ops(fr.mod)
+    out, done, misses = rewrite(fr.mod, SPEC.target, SPEC.word_bits, blocks=fr.blocks,
+                                fuse_glue=fuse, accept=lambda b: "refused by the test")
+    assert done == [] and [m.reason for m in misses] == ["refused by the test"]
+    assert "abc_tvm.block" not in _relax_ops(out) and "R.nn.conv2d" in _relax_ops(out)
+    from tvm import relax
+
+    ex = tvm.compile(out, target=SPEC.target)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    x = ob.random_input(e.input_shape, seed=9)
+    y = vm["main"](tvm.runtime.tensor(x)).numpy()
+    assert max_rel_err(y, ort_run(model, x)) <= 1e-5
