@@ -108,7 +108,8 @@ needs_qemu = pytest.mark.skipif(
 
 
 @needs_qemu
-@pytest.mark.parametrize("name", ["reactnet_a", "irnet_resnet20", "dorefa_w1a2"])
+@pytest.mark.parametrize("name", ["reactnet_a", "bireal18", "xnor_vgg", "irnet_resnet20",
+                                  "dorefa_w1a2"])
 def test_research_export_on_aarch64_under_qemu(name, tmp_path, ort_run, max_rel_err):
     path, x = export(name, "torchscript", tmp_path / f"{name}.onnx")
     bundle = tmp_path / "bundle"
