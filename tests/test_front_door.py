@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F  # noqa: N812
 from bnn_nets import NETS
 
 from abc_tvm import deploy
@@ -137,3 +138,38 @@ def test_zoo_and_inspect_cli(tmp_path, capsys, ort_run, max_rel_err):
     x = np.random.default_rng(3).uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32)
     assert max_rel_err(ort_run(str(canon), x), ort_run(str(src), x)) <= 1e-5
     assert main(["inspect", str(tmp_path / "missing.onnx")]) == 2
+
+
+class _LooksBinary(torch.nn.Module):
+    """sign(x) into a ±1-weight conv that the kernels do not cover, or a sign whose scale is
+    computed from the input: must stay float, with the reason, and still match ORT."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        g = torch.Generator().manual_seed(0)
+        groups = 2 if kind == "grouped" else 1
+        self.weight = torch.nn.Parameter(torch.randn(8, 8 // groups, 3, 3, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = torch.sign(self.weight) * 0.5
+        a = torch.sign(x)
+        if self.kind == "grouped":
+            return F.conv2d(a, w, padding=1, groups=2)
+        if self.kind == "dilated":
+            return F.conv2d(a, w, padding=2, dilation=2)
+        return F.conv2d(a * x.abs().mean(), w, padding=1)  # scale not a constant
+
+
+@pytest.mark.parametrize("kind,reason", [("grouped", "grouped conv"), ("dilated", "dilated"),
+                                         ("dynamic_scale", "not a binarised activation")])
+def test_looks_binary_but_is_not_stays_float(kind, reason, tmp_path, ort_run, max_rel_err):
+    path = tmp_path / f"{kind}.onnx"
+    torch.onnx.export(_LooksBinary(kind).eval(), (torch.rand(1, 8, 6, 6),), str(path),
+                      dynamo=False, opset_version=17)
+    report = compile_model(path, "x86", tmp_path / "m.so", quiet=True)
+    assert report.abc_layers == []
+    (conv,) = [f for f in report.float_ops if f["op"] == "Conv"]
+    assert reason in conv["reason"], conv
+    x = np.random.default_rng(1).uniform(-1, 1, (1, 8, 6, 6)).astype(np.float32)
+    assert max_rel_err(load(tmp_path / "m.so", workers=1)(x), ort_run(str(path), x)) <= 1e-5
