@@ -266,6 +266,7 @@ class _Glue:
     pre: np.ndarray | None = None  # + pre[o] after the residual
     slope: np.ndarray | None = None  # PReLU's slope[o] (instead of ReLU)
     post: np.ndarray | None = None  # + post[o] after the activation
+    hardtanh: tuple[float, float] | None = None  # Clip(lo, hi) as the activation
     ops: list[str] = field(default_factory=list)  # graph values of the fused ops
     kinds: list[str] = field(default_factory=list)  # their op kinds, for the report
 
@@ -361,6 +362,12 @@ def _glue_chain(g: pattern.Graph, blk: pattern.ABCBlock, shapes: dict[str, tuple
             glue.relu, stage = True, 2
             glue.ops.append(u.name)
             glue.kinds.append("Relu")
+            cur = u.outputs[0]
+            continue
+        if u.op == "Clip" and stage < 2 and np.isfinite([u.attrs["min"], u.attrs["max"]]).all():
+            glue.hardtanh, stage = (float(u.attrs["min"]), float(u.attrs["max"])), 2
+            glue.ops.append(u.name)
+            glue.kinds.append("Clip")
             cur = u.outputs[0]
             continue
         if u.op == "relax.nn.prelu" and stage < 2 and u.inputs[0] == cur \
@@ -491,7 +498,7 @@ class _FusedRewriter(PyExprMutator):
             geo, blk.act == "bipolar", vec, affine=glue.scale is not None,
             residual=glue.residual is not None, relu=glue.relu, float_out=plan.float_out,
             next_planes=nxt, pre_bias=glue.pre is not None, prelu=glue.slope is not None,
-            post_bias=glue.post is not None)
+            post_bias=glue.post is not None, hardtanh=glue.hardtanh)
         func = abc_block_func(spec, self.target, scheduled=self.scheduled)
         wbits, wsum = pack_weights(blk.bases, word_bits=wb)
         ab = (blk.alpha[:, None, :] * blk.beta[None, :, None]).astype(np.float32)

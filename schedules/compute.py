@@ -324,12 +324,13 @@ class BlockSpec:
     pre_bias: bool = False
     prelu: bool = False
     post_bias: bool = False
+    hardtanh: tuple[float, float] | None = None  # Clip(lo, hi) as the activation (IR-Net)
 
     def __post_init__(self) -> None:
         if self.geo.out_channels % self.vec:
             raise ValueError(f"vec {self.vec} does not divide {self.geo.out_channels} channels")
-        if self.prelu and self.relu:
-            raise ValueError("a block kernel applies ReLU or PReLU, not both")
+        if self.relu + self.prelu + (self.hardtanh is not None) > 1:
+            raise ValueError("a block kernel applies one of ReLU, PReLU and Clip")
         if not self.float_out and self.next_planes < 1:
             raise ValueError("a block kernel must write z, packed planes, or both")
         if self.next_planes and not packs_whole_words(self.geo.out_channels,
@@ -349,7 +350,7 @@ class BlockSpec:
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
-        for key in ("pre_bias", "prelu", "post_bias"):
+        for key in ("pre_bias", "prelu", "post_bias", "hardtanh"):
             if not d[key]:
                 del d[key]
         return json.dumps(d, sort_keys=True)
@@ -359,6 +360,8 @@ class BlockSpec:
         info = json.loads(text)
         geo = info.pop("geo")
         geo = ConvGeometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in geo.items()})
+        if info.get("hardtanh") is not None:
+            info["hardtanh"] = tuple(info["hardtanh"])
         return cls(geo=geo, **info)
 
     def name(self) -> str:
@@ -368,6 +371,8 @@ class BlockSpec:
                                              ("b", self.pre_bias), ("l", self.relu),
                                              ("e", self.prelu), ("c", self.post_bias),
                                              ("f", self.float_out)) if on)
+        if self.hardtanh is not None:  # bounds in the name: kernels differ by them
+            glue += "h" + "_".join(f"{v:g}" for v in self.hardtanh).replace("-", "m")
         return (f"abc_block_b{g.batch}c{g.channels}h{g.height}w{g.width}o{g.out_channels}"
                 f"_k{g.kernel[0]}x{g.kernel[1]}s{g.stride[0]}x{g.stride[1]}p{pads}"
                 f"_m{g.bases}n{g.planes}_{'bi' if self.bipolar else 'uni'}u{g.word_bits}"
@@ -592,6 +597,9 @@ def abc_block(spec: BlockSpec) -> BlockTensors:
             z = tvm.tirx.max(z, zero)
         if spec.prelu:  # as ONNX PRelu: z where z >= 0, else slope * z
             z = tvm.tirx.Select(z < zero, late["slope"][o_] * z, z)
+        if spec.hardtanh is not None:  # as ONNX Clip: min(max(z, lo), hi)
+            lo, hi = (tvm.tirx.const(v, "float32") for v in spec.hardtanh)
+            z = tvm.tirx.min(tvm.tirx.max(z, lo), hi)
         if spec.post_bias:
             z = z + late["post"][o_]
         return z

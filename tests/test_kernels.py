@@ -468,6 +468,7 @@ class BlockCase:
     relu: bool
     float_out: bool
     next_planes: int
+    late: str = ""  # after the residual: "rprelu" (bias, PReLU, bias) or "hardtanh" (Clip)
 
     def spec(self):
         from abc_tvm.schedules import compute
@@ -476,13 +477,16 @@ class BlockCase:
         geo = compute.ConvGeometry(c.batch, c.channels, c.height, c.width, c.out_channels,
                                    c.kernel, c.stride, c.padding, c.M, c.N, c.word_bits)
         vec = schedules.block_vector(c.out_channels, c.word_bits, HOST)
+        rp = self.late == "rprelu"
         return compute.BlockSpec(geo, c.bipolar, vec, self.affine, self.residual, self.relu,
-                                 self.float_out, self.next_planes)
+                                 self.float_out, self.next_planes, pre_bias=rp, prelu=rp,
+                                 post_bias=rp,
+                                 hardtanh=(-1.0, 1.0) if self.late == "hardtanh" else None)
 
     def __str__(self) -> str:
         flags = "".join(f for f, on in (("a", self.affine), ("r", self.residual),
                                         ("l", self.relu), ("f", self.float_out)) if on)
-        return f"{self.conv}_{flags}p{self.next_planes}"
+        return f"{self.conv}_{flags}p{self.next_planes}{self.late}"
 
 
 BLOCK_CASES = [
@@ -509,6 +513,12 @@ BLOCK_CASES = [
     # 96 channels: float output only (a partial second word packs separately)
     BlockCase(Case(1, 33, 4, 4, 96, (3, 3), (1, 1), (1, 1, 1, 1), 2, 2, True), True, False,
               False, True, 0),
+    # ReActNet: BN + residual + RPReLU (bias, PReLU, bias), both outputs; 1x1
+    BlockCase(Case(1, 64, 5, 5, 64, (1, 1), (1, 1), (0, 0, 0, 0), 1, 1, True), True, True,
+              False, True, 1, "rprelu"),
+    # IR-Net: BN + residual + hardtanh, float output
+    BlockCase(Case(2, 16, 6, 6, 16, (3, 3), (2, 2), (1, 1, 1, 1), 1, 1, True), True, True,
+              False, True, 0, "hardtanh"),
 ]
 
 
@@ -521,6 +531,7 @@ class BlockData:
     shift: np.ndarray
     res: np.ndarray
     v_next: np.ndarray
+    late: dict  # "pre", "slope", "post" [O] for rprelu
 
 
 def _block_data(case: BlockCase, seed: int) -> BlockData:
@@ -546,6 +557,10 @@ def _block_data(case: BlockCase, seed: int) -> BlockData:
         inputs += [scale, shift]
     if case.residual:
         inputs.append(res)
+    late = {}
+    if case.late == "rprelu":
+        late = {k: rng.normal(0, 0.3, o).astype(np.float32) for k in ("pre", "slope", "post")}
+        inputs += [late["pre"], late["slope"], late["post"]]
     if case.next_planes:
         inputs.append(compute.exact_thresholds(v_next))
     outputs = []
@@ -556,7 +571,7 @@ def _block_data(case: BlockCase, seed: int) -> BlockData:
         outputs.append(np.zeros((case.next_planes, c.batch, oh, ow, words), np.uint64))
     conv = ref.abc_conv2d(layer.x, layer.v, layer.beta, layer.bases, layer.alpha, c.stride,
                           c.padding, c.act, c.word_bits).astype(np.float64).transpose(0, 2, 3, 1)
-    return BlockData(inputs, outputs, conv, scale, shift, res, v_next)
+    return BlockData(inputs, outputs, conv, scale, shift, res, v_next, late)
 
 
 def _run_multi(mod: tvm.runtime.Module, inputs: list[np.ndarray], outputs: list[np.ndarray]):
@@ -579,6 +594,11 @@ def _expected_glue(case: BlockCase, data: BlockData) -> np.ndarray:
         z = z + data.res
     if case.relu:
         z = np.maximum(z, 0.0)
+    if case.late == "rprelu":
+        z = z + data.late["pre"]
+        z = np.where(z < 0, data.late["slope"] * z, z) + data.late["post"]
+    if case.late == "hardtanh":
+        z = np.clip(z, -1.0, 1.0)
     return z
 
 
