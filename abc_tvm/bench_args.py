@@ -7,7 +7,8 @@ from pathlib import Path
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    """Add the bench options to `p` (the `abc-tvm bench` subparser, or bench.py's own)."""
+    """Add the bench options to `p` (the `abc-tvm bench` subparser, or the parser of
+    `python -m abc_tvm.bench`)."""
     p.add_argument("--threads", default=None,
                    help="thread counts, comma-separated; each runs in its own child process "
                         "(default: 1,2; --quick: 1)")

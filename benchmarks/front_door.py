@@ -105,11 +105,11 @@ def main() -> None:
 def in_model_layers(so: Path, x: np.ndarray) -> list[float]:
     """Best time (ms) of each binary kernel call inside the model, in call order, with the
     bit-pack before it counted in: the profile `abc-tvm bench` takes."""
-    from abc_tvm.bench import _profile_kernels
+    from abc_tvm.bench import profile_kernels
 
     xpath = so.with_suffix(".x.npy")
     np.save(xpath, x)
-    return [layer["ms"] for layer in _profile_kernels(str(so), str(xpath), repeat=30)]
+    return [layer["ms"] for layer in profile_kernels(str(so), str(xpath), repeat=30)]
 
 
 def _out_pixels(model, report) -> dict[str, int]:

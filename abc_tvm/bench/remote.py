@@ -20,14 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from abc_tvm import rpc, targets
-from abc_tvm.bench import (
-    Tables,
-    _build_model,
-    _fmt_x,
-    _parse_mn,
-    max_rel_err,
-    quiet_stdio,
-)
+from abc_tvm.bench.common import _parse_mn, max_rel_err, quiet_stdio
+from abc_tvm.bench.jobs import _build_model
+from abc_tvm.bench.tables import Tables, _fmt_x
 from abc_tvm.errors import UserError
 
 
