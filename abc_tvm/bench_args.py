@@ -13,8 +13,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="thread counts, comma-separated; each runs in its own child process "
                         "(default: 1,2; --quick: 1)")
     p.add_argument("--models", default=None,
-                   help="ABC configurations MxN, comma-separated (default: 1x1,3x3,5x5; "
-                        "--quick: 1x1)")
+                   help="ABC configurations MxN and/or research BNN exports (reactnet_a, "
+                        "bireal18), comma-separated (default: 1x1,3x3,5x5; --quick: 1x1)")
     p.add_argument("--topi-tuned", default=None,
                    help="MxN configurations whose layers also get TOPI tuned with MetaSchedule "
                         "(default: 3x3 when benchmarked, else the first; 'none' skips tuning)")

@@ -158,3 +158,27 @@ def test_quick_bench_writes_doc_plot_and_json_with_every_peer(tmp_path):
                    "Popcount peak", results["meta"]["machine"]["cpu"]):
         assert needle in text, needle
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_models_split_into_abc_configurations_and_research_workloads():
+    from abc_tvm.bench.research import split_models
+
+    assert split_models("1x1,reactnet_a,3x3,bireal18") == ("1x1,3x3", ["reactnet_a", "bireal18"])
+    assert split_models("bireal18") == (None, ["bireal18"])
+    assert split_models("5x5") == ("5x5", [])
+    with pytest.raises(UserError, match="MxN"):  # an unknown name is an MxN error
+        bench.config_from_args(_args("--models", "resnet50"))
+
+
+def test_research_workload_bench_times_every_peer(tmp_path):
+    """`bench --models bireal18`: abc-tvm, ORT and PyTorch eager on the same export, every
+    binary layer profiled in the model; the doc section names the command."""
+    from abc_tvm.bench import research
+
+    found = research.run(["bireal18"], 3, 32, tmp_path)
+    (row,) = found["rows"]
+    assert row["binary_layers"] == 16 and len(row["layer_ms"]) == 16
+    assert set(row["best_ms"]) == {"abc-tvm", "ORT fp32", "PyTorch eager"}
+    assert all(v > 0 for v in row["best_ms"].values()) and row["max_rel_err"] < 1e-4
+    text = research.section(found)
+    assert text.startswith("## Research BNN exports (x86: ") and "| bireal18 (32²) |" in text

@@ -41,10 +41,24 @@ def bench_from_args(args: argparse.Namespace) -> dict:
         from abc_tvm.bench.remote import bench_remote_from_args
 
         return {"remote": bench_remote_from_args(args)}
+    from abc_tvm.bench import research
+
+    abc_models, names = research.split_models(args.models)
+    out: dict = {}
+    if names:  # research BNN exports: their own peers (ORT, PyTorch eager on the same ONNX)
+        found = research.run(names, args.repeat or 15, args.image_size, args.work_dir)
+        print(research.table(found))
+        if not args.no_doc:
+            write_doc(args.doc, research.section(found))
+            print(f"wrote the research section of {args.doc}")
+        out["research"] = found
+        if abc_models is None:
+            return out
+        args.models = abc_models
     cfg = config_from_args(args)
     results = collect(cfg)
     print(report(results, cfg))
-    return results
+    return {**results, **out}
 
 
 def main(argv: list[str] | None = None) -> int:
