@@ -193,14 +193,16 @@ def _channel_operand(g: Graph, op: Op, channels: int | None
 
 @dataclass
 class _Chain:
-    """h = f(x) for a chain of float32 ops that never decrease (scalar Add/Sub, positive
-    Mul/Div, Clip), walked back from h while each op has no other reader."""
+    """h = f(x) for a chain of float32 ops that never decrease (Add/Sub, positive Mul/Div by
+    a scalar or per-channel constant, Clip), walked back from h while each op has no other
+    reader; f evaluates on float32 arrays (one value per channel) exactly as the graph."""
 
     x: str
     steps: list  # callables float32 -> float32, innermost first
     ops: list[str]
     clip: bool = False
     kinds: list[tuple[str, float | None]] = field(default_factory=list)  # outermost first
+    per_channel: bool = False  # some step has one constant per channel
 
     def abc_shift(self, *outer: tuple[str, float | None]) -> np.float32 | None:
         """v when the chain is `outer` then [Clip](Add(X, v)) (the ABC contract), else None."""
@@ -211,8 +213,6 @@ class _Chain:
         if rest and rest[0][0] == "Clip":
             rest = rest[1:]
         return np.float32(rest[0][1]) if len(rest) == 1 and rest[0][0] == "Add" else None
-
-    per_channel: bool = False  # some step has one constant per channel
 
     def __call__(self, x):
         for f in self.steps:
