@@ -140,6 +140,7 @@ class _Branch:
     beta_position: str
     out: str  # Z_n
     ops: list[str]
+    flip: np.ndarray | None = None  # input channels whose bits are complemented (see _Chain)
 
 
 class _NoMatch(Exception):
@@ -191,6 +192,26 @@ def _channel_operand(g: Graph, op: Op, channels: int | None
     return None
 
 
+def bn_affine(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Inference BatchNorm as (scale, shift) per channel, folded as ONNX Runtime folds it:
+    scale = gamma / sqrt(var + eps), shift = beta - mean * scale (float32)."""
+    gamma, beta, mean, var = (np.asarray(c, np.float32).reshape(-1)
+                              for c in (gamma, beta, mean, var))
+    inv_std = np.float32(1.0) / np.sqrt(var + np.float32(eps))
+    scale = (inv_std * gamma).astype(np.float32)
+    return scale, (beta - mean * scale).astype(np.float32)
+
+
+def _onnx_batch_norm(g: Graph, op: Op, channels: int | None):
+    """(scale, shift) of an inference ONNX BatchNormalization with constant statistics."""
+    if channels is None or len(op.inputs) != 5 or op.attrs.get("training_mode", 0):
+        return None
+    consts = [g.const(i) for i in op.inputs[1:]]
+    if any(c is None or np.asarray(c).size != channels for c in consts):
+        return None
+    return bn_affine(*consts, op.attrs.get("epsilon", 1e-5))
+
+
 @dataclass
 class _Chain:
     """h = f(x) for a chain of float32 ops that never decrease (Add/Sub, positive Mul/Div by
@@ -203,6 +224,9 @@ class _Chain:
     clip: bool = False
     kinds: list[tuple[str, float | None]] = field(default_factory=list)  # outermost first
     per_channel: bool = False  # some step has one constant per channel
+    # channels where the chain decreases (a BatchNorm with a negative scale): their bit is
+    # the complement of X >= T, which a bipolar block absorbs by negating the weight there
+    flip: np.ndarray | None = None
 
     def abc_shift(self, *outer: tuple[str, float | None]) -> np.float32 | None:
         """v when the chain is `outer` then [Clip](Add(X, v)) (the ABC contract), else None."""
@@ -223,12 +247,20 @@ class _Chain:
 def _monotone(g: Graph, h: str, channels: int | None = None) -> _Chain:
     steps: list = []
     ops: list[str] = []
-    clip, kinds, per_ch = False, [], False
+    clip, kinds, per_ch, flip = False, [], False, None
     while True:
         op = g.producer(h)
         if op is None or len(g.consumers(h)) != 1:
             break
-        if op.op == "Clip":
+        if op.op == "BatchNormalization" and (bn := _onnx_batch_norm(g, op, channels)):
+            scale, shift = bn
+            if flip is not None or np.any(scale == 0):
+                break  # one BatchNorm per chain; a zero scale makes a constant bit
+            steps.append(lambda v, a=scale, b=shift: v * a + b)
+            flip = scale < 0
+            per_ch = True
+            kinds.append(("BatchNormalization", None))
+        elif op.op == "Clip":
             lo, hi = op.attrs.get("min", -np.inf), op.attrs.get("max", np.inf)
             if np.isnan(lo) or np.isnan(hi):
                 break
@@ -259,14 +291,16 @@ def _monotone(g: Graph, h: str, channels: int | None = None) -> _Chain:
         ops.append(op.name)
         h = op.inputs[0]
     steps.reverse()
-    return _Chain(h, steps, ops, clip, kinds, per_ch)
+    return _Chain(h, steps, ops, clip, kinds, per_ch,
+                  flip if flip is not None and flip.any() else None)
 
 
 def _threshold(chain: _Chain, on, channels: int | None) -> np.ndarray:
     """The least float32 x with on(chain(x)), exactly: one per channel where the chain has
     per-channel constants ([C]), else one ([]). A constant binarizer is no match."""
     n = channels if chain.per_channel else 1
-    t = least_true_array(lambda xs: np.asarray(on(chain(xs)), bool), n)
+    flip = chain.flip if chain.flip is not None else np.zeros(n, bool)
+    t = least_true_array(lambda xs: np.asarray(on(chain(xs)), bool) ^ flip, n)
     if not np.all(np.isfinite(t)):
         raise _NoMatch("binarizer output does not depend on its input (constant bit)")
     return t if chain.per_channel else t[0]
@@ -381,6 +415,8 @@ def _branch(g: Graph, conv: Op) -> _Branch:
         a, beta, position = co[0], co[1], "before"
         ops.append(pre.name)
     chain, planes, act, form = _plane(g, a, ops, channels)
+    if chain.flip is not None and act != "bipolar":
+        raise _NoMatch("a BatchNorm with a negative scale before a unipolar binarizer")
     ops += chain.ops
     thresholds = [_threshold(chain, on, channels) for on, _ in planes]
     out = conv.outputs[0]
@@ -394,7 +430,7 @@ def _branch(g: Graph, conv: Op) -> _Branch:
     shift = (chain.abc_shift() if form == "canonical" else
              chain.abc_shift(("Sub", 0.5)) if form == "sign" else None)
     return _Branch(conv, chain.x, act, form, chain.clip, thresholds, betas, shift, position,
-                   out, ops)
+                   out, ops, chain.flip)
 
 
 def _levels(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -628,8 +664,18 @@ def find_abc_blocks(g: Graph) -> tuple[list[ABCBlock], list[Miss]]:
                 misses.append(Miss(m.conv.name, "Conv", "summed branches differ in conv attrs"))
                 taken.add(m.out)
             continue
+        flips = {None if m.flip is None else m.flip.tobytes() for m in members}
+        if len(flips) > 1:
+            for m in members:
+                misses.append(Miss(m.conv.name, "Conv", "summed branches differ in BatchNorm "
+                                                        "signs"))
+                taken.add(m.out)
+            continue
         try:
             bases, alpha, form, weight_ops = _weights(g, b.conv.inputs[1])
+            if b.flip is not None:  # -A' on a flipped channel: the weight's sign absorbs it
+                bases = bases.copy()
+                bases[:, :, b.flip] *= -1
         except _NoMatch as e:
             for m in members:
                 misses.append(Miss(m.conv.name, "Conv", str(e), e.error))

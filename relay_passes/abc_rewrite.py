@@ -283,8 +283,7 @@ def _affine(glue: _Glue, s: np.ndarray | None, t: np.ndarray | None, channels: i
 
 
 def _batch_norm(g: pattern.Graph, op: pattern.Op, channels: int):
-    """Inference BatchNorm over channels as (scale, shift), folded as ONNX Runtime folds it:
-    scale = gamma / sqrt(var + eps), shift = beta - mean * scale (float32)."""
+    """Inference Relax batch_norm over channels as (scale, shift) (`pattern.bn_affine`)."""
     a = op.attrs
     if a.get("training", True) or a.get("axis") != 1 or len(op.inputs) != 5:
         return None
@@ -296,9 +295,7 @@ def _batch_norm(g: pattern.Graph, op: pattern.Op, channels: int):
         gamma = np.ones(channels, np.float32)
     if not a.get("center", True):
         beta = np.zeros(channels, np.float32)
-    inv_std = np.float32(1.0) / np.sqrt(var + np.float32(a["epsilon"]))
-    scale = (inv_std * gamma).astype(np.float32)
-    return scale, (beta - mean * scale).astype(np.float32)
+    return pattern.bn_affine(gamma, beta, mean, var, a["epsilon"])
 
 
 def _glue_chain(g: pattern.Graph, blk: pattern.ABCBlock, shapes: dict[str, tuple],

@@ -173,3 +173,22 @@ def test_looks_binary_but_is_not_stays_float(kind, reason, tmp_path, ort_run, ma
     assert reason in conv["reason"], conv
     x = np.random.default_rng(1).uniform(-1, 1, (1, 8, 6, 6)).astype(np.float32)
     assert max_rel_err(load(tmp_path / "m.so", workers=1)(x), ort_run(str(path), x)) <= 1e-5
+
+
+def test_xnor_with_negative_batch_norm_scales(tmp_path, ort_run, max_rel_err):
+    """Sign(BatchNorm(x)) with some negative scales: the BatchNorm folds into thresholds and
+    weight signs (no float BatchNorm left), and the output still matches ORT."""
+    net = MODELS["xnor_vgg"][0]()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight[::3] *= -1
+    path = tmp_path / "x.onnx"
+    torch.onnx.export(net, (torch.rand(2, 3, 16, 16),), str(path), dynamo=False,
+                      opset_version=17)
+    report = compile_model(path, "x86", tmp_path / "x.so", quiet=True)
+    assert len(report.abc_layers) == 4
+    assert not [f for f in report.float_ops if f["op"] == "BatchNormalization"]
+    x = np.random.default_rng(5).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
+    y, ref = load(tmp_path / "x.so", workers=1)(x), ort_run(str(path), x)
+    assert max_rel_err(y, ref) <= 1e-2 and y.argmax(1).tolist() == ref.argmax(1).tolist()

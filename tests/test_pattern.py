@@ -278,3 +278,48 @@ def test_sign_of_per_channel_bias_gives_per_channel_thresholds():
         assert np.float32(t + b.flat[c]) >= 0
         assert np.float32(np.nextafter(t, np.float32(-np.inf)) + b.flat[c]) < 0
     assert blk.summary()["thresholds"] == "per channel"
+
+
+def _sign_bn_conv(gamma: np.ndarray, unipolar: bool = False):
+    from onnx import TensorProto, helper, numpy_helper
+
+    c = gamma.size
+    rng = np.random.default_rng(2)
+    stats = {"g": gamma, "b": rng.normal(0, 0.3, c), "m": rng.normal(0, 0.3, c),
+             "v": rng.uniform(0.5, 1.5, c)}
+    w = np.where(rng.random((4, c, 3, 3)) < 0.5, -1, 1).astype(np.float32)
+    act = ([helper.make_node("GreaterOrEqual", ["h", "zero"], ["p"]),
+            helper.make_node("Cast", ["p"], ["s"], to=TensorProto.FLOAT)] if unipolar
+           else [helper.make_node("Sign", ["h"], ["s"])])
+    g = helper.make_graph(
+        [helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["h"]), *act,
+         helper.make_node("Conv", ["s", "w"], ["y"], pads=[1, 1, 1, 1])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])],
+        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in stats.items()]
+        + [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.float32(0), "zero")])
+    return helper.make_model(g), stats, w
+
+
+def test_sign_of_batch_norm_is_per_channel_thresholds_and_flips_negative_scales():
+    """XNOR-Net's Sign(BatchNorm(x)): the BatchNorm is absorbed into per-channel thresholds;
+    a channel with a negative scale has its bit complemented, which the bipolar block
+    absorbs by negating the weight on that input channel."""
+    gamma = np.array([0.8, -1.2, 0.5, -0.3, 1.1], np.float32)
+    model, st, w = _sign_bn_conv(gamma)
+    (blk,), _ = pattern.find_abc_blocks(pattern.from_onnx(model))
+    assert blk.input == "x" and blk.thresholds.shape == (1, 5)
+    flip = gamma < 0
+    np.testing.assert_array_equal(blk.bases[0], np.where(flip[None, :, None, None], -w, w))
+    scale, shift = pattern.bn_affine(st["g"], st["b"], st["m"], st["v"], 1e-5)
+    xs = np.random.default_rng(3).normal(0, 2, (1000, 5)).astype(np.float32)
+    xs[0] = blk.thresholds[0]  # the edges themselves
+    truth = np.where(xs * scale + shift >= 0, 1, -1)  # sign, sign(0) = +1
+    kernel = np.where(xs >= blk.thresholds[0], 1, -1) * np.where(flip, -1, 1)
+    np.testing.assert_array_equal(kernel, truth)
+
+
+def test_negative_batch_norm_scale_before_a_unipolar_bit_stays_float():
+    model, _, _ = _sign_bn_conv(np.array([0.8, -1.2], np.float32), unipolar=True)
+    blocks, misses = pattern.find_abc_blocks(pattern.from_onnx(model))
+    assert blocks == [] and "negative scale" in misses[0].reason
