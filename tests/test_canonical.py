@@ -197,3 +197,30 @@ def test_float_fc_is_left_alone():
     m = model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", [3, 10])], [("y", [3, 6])],
               [("w", w)])
     assert rules.binary_fc_as_conv(Graph(m)) == []
+
+
+# ------------------------------------------------------------------ pool_before_sign
+
+def test_maxpool_after_sign_moves_before_it_and_the_conv_becomes_binary():
+    m = model([helper.make_node("Sign", ["x"], ["s"]),
+               helper.make_node("MaxPool", ["s"], ["p"], kernel_shape=[2, 2], strides=[2, 2],
+                                pads=[1, 1, 0, 0]),
+               helper.make_node("Conv", ["p", "w"], ["y"])],
+              [("x", [1, 3, 7, 7])], [("y", [1, 4, 2, 2])], [("w", PM1)])
+    assert pattern.find_abc_blocks(pattern.from_onnx(m))[0] == []
+    g = Graph(m)
+    assert [n.rule for n in rules.pool_before_sign(g)] == ["pool_before_sign"]
+    out = g.to_model()
+    assert ops(out) == ["MaxPool", "Sign", "Conv"]
+    x = np.random.default_rng(7).standard_normal((1, 3, 7, 7)).astype(np.float32)
+    np.testing.assert_array_equal(run(out, x), run(m, x))
+    (blk,), _ = pattern.find_abc_blocks(pattern.from_onnx(out))
+    assert blk.act_form == "sign"
+
+
+def test_maxpool_of_a_sign_read_elsewhere_is_left():
+    m = model([helper.make_node("Sign", ["x"], ["s"]),
+               helper.make_node("MaxPool", ["s"], ["p"], kernel_shape=[2, 2]),
+               helper.make_node("Relu", ["s"], ["r"])],
+              [("x", [1, 3, 4, 4])], [("p", [1, 3, 3, 3]), ("r", [1, 3, 4, 4])])
+    assert rules.pool_before_sign(Graph(m)) == []

@@ -192,3 +192,27 @@ def test_xnor_with_negative_batch_norm_scales(tmp_path, ort_run, max_rel_err):
     x = np.random.default_rng(5).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
     y, ref = load(tmp_path / "x.so", workers=1)(x), ort_run(str(path), x)
     assert max_rel_err(y, ref) <= 1e-2 and y.argmax(1).tolist() == ref.argmax(1).tolist()
+
+
+def test_maxpool_between_sign_and_binary_conv(tmp_path, ort_run, max_rel_err):
+    """sign -> MaxPool -> binary conv (a common BNN block order): the pool moves before the
+    sign (max commutes with it) and the conv is a binary kernel."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(16, 8, 3, 3,
+                                                    generator=torch.Generator().manual_seed(4)))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = F.max_pool2d(torch.sign(x), 2)
+            return F.conv2d(a, torch.sign(self.w) * self.w.abs().mean(), padding=1)
+
+    path = tmp_path / "p.onnx"
+    torch.onnx.export(Net().eval(), (torch.rand(2, 8, 8, 8),), str(path), dynamo=False,
+                      opset_version=17)
+    report = compile_model(path, "x86", tmp_path / "p.so", quiet=True)
+    assert len(report.abc_layers) == 1
+    assert any(c["rule"] == "pool_before_sign" for c in report.canonical)
+    x = np.random.default_rng(6).uniform(-1, 1, (2, 8, 8, 8)).astype(np.float32)
+    assert max_rel_err(load(tmp_path / "p.so", workers=1)(x), ort_run(str(path), x)) <= 1e-5

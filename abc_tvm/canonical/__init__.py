@@ -3,7 +3,8 @@
 One pipeline, each rule small and tested on its own (`rules`), in front of the one matcher
 (`abc_tvm.pattern`): straight-through residues removed, constants folded by ONNX Runtime
 (weights computed from latent weights, shape arithmetic), near-binary weights snapped,
-biases of binary convs split off as glue, binary fully-connected layers as 1×1 convs.
+conv biases split off as glue, MaxPool moved before a Sign, binary fully-connected layers
+as 1×1 convs.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def canonicalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Note]]:
         model = fold_constants(model)
         notes.append(Note("", "fold_constants", "constants folded by ONNX Runtime"))
     g = Graph(model)
-    changed = rules.snap_weights(g) + rules.split_conv_bias(g) + rules.binary_fc_as_conv(g)
+    changed = (rules.snap_weights(g) + rules.split_conv_bias(g) + rules.pool_before_sign(g)
+               + rules.binary_fc_as_conv(g))
     if changed:
         model = g.to_model()
     return model, notes + changed

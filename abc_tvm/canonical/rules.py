@@ -113,6 +113,29 @@ def split_conv_bias(g: Graph) -> list[Note]:
     return notes
 
 
+def pool_before_sign(g: Graph) -> list[Note]:
+    """MaxPool(Sign(x)) -> Sign(MaxPool(x)): the max of a non-decreasing function is the
+    function of the max (ONNX MaxPool ignores its padding), so a MaxPool between a binarizer
+    and a binary conv no longer hides the binarizer from the conv."""
+    notes = []
+    for pool in list(g.nodes):
+        if pool.op_type != "MaxPool" or len(pool.output) != 1:
+            continue
+        sign = g.producer(pool.input[0])
+        if sign is None or sign.op_type != "Sign" or len(g.consumers(sign.output[0])) != 1:
+            continue
+        out = pool.output[0]
+        pooled = g.fresh(out)
+        pool.input[0] = sign.input[0]
+        g.rename_output(pool, out, pooled)
+        g.nodes.remove(sign)
+        g.add_node_named("Sign", [pooled], [out], sign.name or "sign")
+        notes.append(Note(pool.name, "pool_before_sign", "MaxPool moved before its Sign"))
+    if notes:
+        g.prune()
+    return notes
+
+
 _ELEMENTWISE = ("Sign", "Clip", "Round", "Cast", "Where", "GreaterOrEqual", "Greater", "Less",
                 "LessOrEqual", "Add", "Sub", "Mul", "Div")
 
