@@ -15,6 +15,7 @@ import tvm
 
 from abc_tvm import frontend, pattern, targets
 from abc_tvm.blocks import Front, front
+from abc_tvm.canonical import Note, rules_for, summary_lines
 from abc_tvm.errors import UserError
 from abc_tvm.relay_passes.abc_rewrite import rewrite
 
@@ -57,13 +58,7 @@ class Report:
             lines.insert(1, f"  {len(self.tuned_kernels)} kernel(s) scheduled from tuning "
                             f"database(s) {', '.join(self.tuning)}")
         lines += [f"  {n:>4} x {op:<20} {reason}" for (op, reason), n in sorted(counts.items())]
-        rules: dict[str, int] = {}
-        for c in self.canonical:
-            rules[c["rule"]] = rules.get(c["rule"], 0) + 1
-        if rules:
-            lines.append("canonicalized: " + ", ".join(f"{r} x{n}" for r, n in rules.items()))
-        lines += [f"  snapped: {c['node']} ({c['detail']})" for c in self.canonical
-                  if c["rule"] == "snap_weights"]
+        lines += summary_lines([Note(**c) for c in self.canonical])
         return "\n".join(lines)
 
 
@@ -140,16 +135,6 @@ def _fused_glue(g: pattern.Graph, value: str, kinds: list[str]) -> list[str]:
     return names
 
 
-# What each binarizer form means, for the report (sign(0) has no binary form: read as +1).
-BINARIZERS = {
-    "canonical": "ABC: [Clip](X + v) >= 0.5",
-    "sign": "sign, sign(0) read as +1",
-    "compare": "X compared with a constant",
-    "where": "Where(X compared with a constant, ±1)",
-    "uniform": "k-level uniform quantizer as thermometer planes",
-}
-
-
 def _report(fr: Front, model_name: str, spec: targets.TargetSpec, rewritten: list,
             refused: list[pattern.Miss]) -> Report:
     """The rewritten blocks under their ONNX names (the blocks are the ONNX match's own),
@@ -163,11 +148,9 @@ def _report(fr: Front, model_name: str, spec: targets.TargetSpec, rewritten: lis
         blk = by_name[r.block.name]
         fused = _fused_glue(graph, blk.output, r.glue)
         covered.update([*blk.ops, *fused])
-        rules = sorted({n.rule for n in fr.notes if n.node in (blk.name, *blk.ops)}
-                       | ({n.rule for n in fr.notes if not n.node}))
         report.abc_layers.append({**blk.summary(), "kernel_impl": r.kernel,
                                   "word_bits": spec.word_bits, "fused_ops": fused,
-                                  "rules": rules, "binarizer": BINARIZERS[blk.act_form]})
+                                  "rules": rules_for(fr.notes, [blk.name, *blk.ops])})
     reasons = {m.name: m.reason for m in [*fr.misses, *refused]}
     for m in refused:  # computed as float ops: every op of the block is a float op
         covered.difference_update(by_name[m.name].ops)

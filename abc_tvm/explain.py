@@ -12,7 +12,7 @@ import os
 import onnx
 
 from abc_tvm.blocks import match
-from abc_tvm.compiler import BINARIZERS
+from abc_tvm.canonical import rules_for, summary_lines
 
 _LAYERS = ("Conv", "Gemm", "MatMul")
 
@@ -37,9 +37,8 @@ def inspect_model(model: str | os.PathLike | onnx.ModelProto,
             continue
         if blk.name != name:
             continue  # another plane's conv of the same block: listed once, under the block
-        rules = sorted({n.rule for n in notes if n.node in (blk.name, *blk.ops) or not n.node})
         rows.append({"name": name, "op": node.op_type, "binary": True, **blk.summary(),
-                     "binarizer": BINARIZERS[blk.act_form], "rules": rules})
+                     "rules": rules_for(notes, [blk.name, *blk.ops])})
     return rows, notes
 
 
@@ -54,10 +53,4 @@ def format_rows(rows: list[dict], notes: list) -> str:
                          f"rules: {', '.join(r['rules']) or '-'}")
         else:
             lines.append(f"  float   {r['name'][-40:]:<40} {r['op']}: {r['reason']}")
-    counts: dict[str, int] = {}
-    for n in notes:
-        counts[n.rule] = counts.get(n.rule, 0) + 1
-    if counts:
-        lines.append("canonicalization: " + ", ".join(f"{k} x{v}" for k, v in counts.items()))
-    lines += [f"  {n.rule}: {n.node} ({n.detail})" for n in notes if n.rule == "snap_weights"]
-    return "\n".join(lines)
+    return "\n".join(lines + summary_lines(notes))

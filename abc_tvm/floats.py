@@ -15,42 +15,10 @@ import numpy as np
 _TOP = 0x7F800000  # +inf's bit pattern: the order index of +inf
 
 
-def ordered(x: np.float32) -> int:
-    """float32 -> int, order-preserving (both zeros map to 0)."""
-    bits = int(np.asarray(x, np.float32).view(np.uint32))
-    return bits if bits < 2**31 else -(bits - 2**31)
-
-
-def unordered(i: int) -> np.float32:
-    bits = i if i >= 0 else (-i) | 2**31
-    return np.array([bits], np.uint32).view(np.float32)[0]
-
-
-def least_true(on: Callable[[np.float32], bool], guess: np.float32 | None = None
-               ) -> np.float32 | None:
-    """The least float32 x (-inf and +inf included) with on(x), for `on` false-then-true over
-    the float32 order; None if `on` is never true. Bisection over the order index, started
-    near `guess` (a few steps when the guess is the rounded algebraic threshold)."""
-    if not on(unordered(_TOP)):
-        return None
-    if on(unordered(-_TOP)):
-        return unordered(-_TOP)
-    start = ordered(np.float32(0.0 if guess is None or not np.isfinite(guess) else guess))
-    hi, step = start, 1
-    while not on(unordered(hi)):  # an index at or above the threshold
-        hi, step = min(start + step, _TOP), step * 2
-    lo, step = hi - 1, 1
-    while on(unordered(lo)):  # an index below it
-        lo, step = max(hi - step, -_TOP), step * 2
-    while hi - lo > 1:  # on(hi) and not on(lo)
-        mid = (lo + hi) // 2
-        hi, lo = (mid, lo) if on(unordered(mid)) else (hi, mid)
-    return unordered(hi)
-
-
 def least_true_array(on: Callable[[np.ndarray], np.ndarray], n: int) -> np.ndarray:
-    """`least_true` for n independent predicates at once (one per channel): `on` maps a
-    float32 array [n] to bool [n]. Entries never true are +inf's successor: NaN."""
+    """For n predicates at once (one per channel or plane), each false-then-true over the
+    float32 order: the least float32 x (-inf and +inf included) where it is true, found by
+    bisection over the order index. `on` maps float32 [n] to bool [n]; NaN where never true."""
     lo = np.full(n, -_TOP, np.int64)
     hi = np.full(n, _TOP, np.int64)
 

@@ -67,6 +67,16 @@ class Graph:
         return np.float32(c.reshape(()))
 
 
+# What each binarizer form means, for reports (sign(0) has no binary form: read as +1).
+BINARIZERS = {
+    "canonical": "ABC: [Clip](X + v) >= 0.5",
+    "sign": "sign, sign(0) read as +1",
+    "compare": "X compared with a constant",
+    "where": "Where(X compared with a constant, ±1)",
+    "uniform": "k-level uniform quantizer as thermometer planes",
+}
+
+
 @dataclass
 class ABCBlock:
     """One recognised ABC convolution: Y = Σ_n β_n Conv(A_n(X), Σ_m α_m B_m)."""
@@ -114,6 +124,7 @@ class ABCBlock:
             "strides": list(self.strides), "pads": list(self.pads),
             "thresholds": ([float(t) for t in self.thresholds] if self.thresholds.ndim == 1
                            else "per channel"),
+            "binarizer": BINARIZERS[self.act_form],
         }
 
 
@@ -391,12 +402,16 @@ def _in_channels(g: Graph, conv: Op) -> int | None:
 
 def _branch(g: Graph, conv: Op) -> _Branch:
     """Match one Conv of a binary block, with its β before or after."""
+    ops = [conv.name]
     a = conv.inputs[0]
+    beta, position = np.float32(1.0), "after"
     pre = g.producer(a)
     if pre is not None and pre.op == "Mul" and (co := _const_operand(g, pre)) is not None:
-        a = co[0]
+        a, beta, position = co[0], co[1], "before"
+        ops.append(pre.name)
     channels = _in_channels(g, conv)
-    _plane(g, a, [], channels)  # a float conv says so first, whatever its attributes
+    # the activation first: a float conv says so, whatever its attributes
+    chain, planes, act, form = _plane(g, a, ops, channels)
     if len(conv.inputs) > 2 and conv.inputs[2]:
         raise _NoMatch("conv has a bias")
     if conv.attrs.get("group", 1) != 1:
@@ -407,14 +422,6 @@ def _branch(g: Graph, conv: Op) -> _Branch:
         raise _NoMatch("auto_pad SAME is not supported")
     if len(conv.attrs.get("strides", [1, 1])) != 2:
         raise _NoMatch("not a 2-D conv")
-    ops = [conv.name]
-    a = conv.inputs[0]
-    beta, position = np.float32(1.0), "after"
-    pre = g.producer(a)
-    if pre is not None and pre.op == "Mul" and (co := _const_operand(g, pre)) is not None:
-        a, beta, position = co[0], co[1], "before"
-        ops.append(pre.name)
-    chain, planes, act, form = _plane(g, a, ops, channels)
     if chain.flip is not None and act != "bipolar":
         raise _NoMatch("a BatchNorm with a negative scale before a unipolar binarizer")
     ops += chain.ops
@@ -451,11 +458,17 @@ def _levels(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return bases, alpha
 
 
+def weight_of(bases: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Σ_m α_m B_m in float32, accumulated in order m = 1..M ([M, O, ...] and [M, O])."""
+    acc = np.zeros(bases.shape[1:], np.float32)
+    for m in range(bases.shape[0]):
+        acc = acc + (alpha[m].reshape(-1, *[1] * (bases.ndim - 2)) * bases[m]).astype(np.float32)
+    return acc
+
+
 def _reconstructs(w: np.ndarray, bases: np.ndarray, alpha: np.ndarray) -> bool:
     """Σ_m α_m B_m in float32, in order, equals W bit for bit."""
-    acc = np.zeros_like(w, dtype=np.float32)
-    for m in range(bases.shape[0]):
-        acc = acc + (alpha[m].reshape(-1, *[1] * (w.ndim - 1)) * bases[m]).astype(np.float32)
+    acc = weight_of(bases, alpha)
     return bool(np.array_equal(acc.view(np.uint32), w.astype(np.float32).view(np.uint32))
                 or np.array_equal(acc, w))
 

@@ -172,13 +172,11 @@ def _shape(e: relax.Expr) -> tuple[int, ...]:
     return tuple(int(d) for d in e.ty.shape)
 
 
-def _float_block(bb: relax.BlockBuilder, x: relax.Expr, blk: pattern.ABCBlock) -> relax.Expr:
+def _float_block(bb: relax.BlockBuilder, x: relax.Expr, blk: pattern.ABCBlock) -> relax.Var:
     """A block as float ops (for one the kernels refuse): per plane, the bits X >= T as 0/1
-    (bipolar: ±1), conv with W = Σ_m α_m B_m (float32, in order, as the matcher verified it
-    equals the graph's weight), times β_n, summed over planes."""
-    w = np.zeros(blk.bases.shape[1:], np.float32)
-    for m in range(blk.M):
-        w = w + (blk.alpha[m].reshape(-1, 1, 1, 1) * blk.bases[m]).astype(np.float32)
+    (bipolar: ±1), conv with W = Σ_m α_m B_m (`pattern.weight_of`, which the matcher
+    verified equals the graph's weight), times β_n, summed over planes."""
+    w = relax.const(pattern.weight_of(blk.bases, blk.alpha), "float32")
     y = None
     for n in range(blk.N):
         t = blk.thresholds[n]
@@ -187,15 +185,10 @@ def _float_block(bb: relax.BlockBuilder, x: relax.Expr, blk: pattern.ABCBlock) -
         if blk.act == "bipolar":
             a = bb.emit(relax.op.subtract(relax.op.multiply(a, relax.const(2.0, "float32")),
                                           relax.const(1.0, "float32")))
-        z = bb.emit(relax.op.nn.conv2d(a, relax.const(w, "float32"), strides=blk.strides,
-                                       padding=blk.pads))
-        z = relax.op.multiply(z, relax.const(np.float32(blk.beta[n]), "float32"))
-        if n < blk.N - 1:
-            z = bb.emit(z)
-        y = z if y is None else relax.op.add(y, z)
-        if n < blk.N - 1 and n:
-            y = bb.emit(y)
-    return y  # not emitted: the caller binds it to the block's own output var
+        z = bb.emit(relax.op.nn.conv2d(a, w, strides=blk.strides, padding=blk.pads))
+        z = bb.emit(relax.op.multiply(z, relax.const(np.float32(blk.beta[n]), "float32")))
+        y = z if y is None else bb.emit(relax.op.add(y, z))
+    return y
 
 
 @mutator
@@ -213,8 +206,8 @@ class _Rewriter(PyExprMutator):
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         if binding.var in self.floats:
             blk, x = self.floats[binding.var]
-            value = _float_block(self.builder_, self.visit_expr(x), blk)
-            super().visit_var_binding_(relax.VarBinding(binding.var, value))
+            y = _float_block(self.builder_, self.visit_expr(x), blk)
+            super().visit_var_binding_(relax.VarBinding(binding.var, y))  # the output's name
             return
         plan = self.plans.get(binding.var)
         if plan is None:
@@ -474,8 +467,8 @@ class _FusedRewriter(PyExprMutator):
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         if binding.var in self.floats:
             blk, x = self.floats[binding.var]
-            value = _float_block(self.builder_, self.visit_expr(x), blk)
-            super().visit_var_binding_(relax.VarBinding(binding.var, value))
+            y = _float_block(self.builder_, self.visit_expr(x), blk)
+            super().visit_var_binding_(relax.VarBinding(binding.var, y))  # the output's name
             return
         end = self.by_var.get(binding.var)
         if end is None:

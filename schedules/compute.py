@@ -15,7 +15,7 @@ import numpy as np
 import tvm
 from tvm import te
 
-from abc_tvm.floats import least_true
+from abc_tvm.floats import least_true_array
 
 # Block names, shared with the schedules (and with the MetaSchedule rule registered later).
 PACK = "abc_bitpack"
@@ -104,6 +104,11 @@ class ConvGeometry:
         return (self.out_width - 1) * self.stride[1] + self.kernel[1]
 
 
+def _threshold_at(v: te.Tensor, n, c):
+    """Plane n's threshold for channel c: thresholds are [N] (per plane) or [N, C]."""
+    return v[n] if len(v.shape) == 1 else v[n, c]
+
+
 def bitpack(x: te.Tensor, v: te.Tensor, word_bits: int) -> te.Tensor:
     """Pack NCHW float x into N bit-planes of NHWC words: bit j of word k is x[c] >= v[n].
 
@@ -120,8 +125,7 @@ def bitpack(x: te.Tensor, v: te.Tensor, word_bits: int) -> te.Tensor:
         c = k * word_bits + j
         # Clamp keeps the (discarded) load in bounds for the pad channels of the last word.
         cc = tvm.tirx.min(c, channels - 1)
-        thr = v[n] if len(v.shape) == 1 else v[n, cc]  # per plane, or per plane and channel
-        on = tvm.tirx.all(c < channels, x[b, cc, h, w] >= thr)
+        on = tvm.tirx.all(c < channels, x[b, cc, h, w] >= _threshold_at(v, n, cc))
         bit = tvm.tirx.const(1, dtype) << j.astype(dtype)
         return te.sum(tvm.tirx.Select(on, bit, tvm.tirx.const(0, dtype)), axis=j)
 
@@ -387,14 +391,10 @@ def exact_thresholds(shift: np.ndarray) -> np.ndarray:
     value instead of an add and a compare, bit for bit the ONNX semantics (not the rounded
     0.5 - v, which differs near the edge).
     """
-    half = np.float32(0.5)
-    out = []
-    for v in np.asarray(shift, np.float32).reshape(-1):
-        if not np.isfinite(v):
-            raise ValueError(f"activation shift {v} is not finite")
-        t = least_true(lambda x, v=v: bool(np.float32(x + v) >= half), np.float32(half - v))
-        out.append(t)
-    return np.array(out, np.float32)
+    v = np.asarray(shift, np.float32).reshape(-1)
+    if not np.all(np.isfinite(v)):
+        raise ValueError(f"activation shift {v[~np.isfinite(v)][0]} is not finite")
+    return least_true_array(lambda x: (x + v) >= np.float32(0.5), v.size)
 
 
 def packs_whole_words(channels: int, word_bits: int) -> bool:
@@ -463,16 +463,13 @@ def pack_nhwc(src: te.Tensor, thr: te.Tensor, word_bits: int, name: str = PACK_O
     j = te.reduce_axis((0, bits), name="j")
     exact = channels % word_bits == 0 or channels < word_bits
 
-    def _thr(n, c):
-        return v[n] if len(v.shape) == 1 else v[n, c]  # per plane, or per plane and channel
-
     def _pack(n, b, h, w, k):
         c = k * word_bits + j
         if exact:
-            on = src[b, h, w, c] >= _thr(n, c)
+            on = src[b, h, w, c] >= _threshold_at(v, n, c)
         else:
             cc = tvm.tirx.min(c, channels - 1)
-            on = tvm.tirx.all(c < channels, src[b, h, w, cc] >= _thr(n, cc))
+            on = tvm.tirx.all(c < channels, src[b, h, w, cc] >= _threshold_at(v, n, cc))
         bit = tvm.tirx.shift_left(tvm.tirx.const(1, dtype), j.astype(dtype))
         return te.sum(tvm.tirx.Select(on, bit, tvm.tirx.const(0, dtype)), axis=j)
 

@@ -16,7 +16,7 @@ from abc_tvm.canonical.fold import fold_constants, needs_folding
 from abc_tvm.canonical.graph import Graph
 from abc_tvm.canonical.rules import Note
 
-__all__ = ["Note", "canonicalize"]
+__all__ = ["Note", "canonicalize", "rules_for", "summary_lines"]
 
 
 def canonicalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Note]]:
@@ -33,3 +33,19 @@ def canonicalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Note]]:
     if changed:
         model = g.to_model()
     return model, notes + changed
+
+
+def rules_for(notes: list[Note], ops: list[str]) -> list[str]:
+    """The rules that shaped a layer made of `ops`, and those applied to the whole model."""
+    return sorted({n.rule for n in notes if not n.node or n.node in ops})
+
+
+def summary_lines(notes: list[Note]) -> list[str]:
+    """For reports: each rule with its count, then every snapped layer."""
+    counts: dict[str, int] = {}
+    for n in notes:
+        counts[n.rule] = counts.get(n.rule, 0) + 1
+    lines = ["canonicalized: " + ", ".join(f"{r} x{k}" for r, k in counts.items())] \
+        if counts else []
+    return lines + [f"  snapped: {n.node} ({n.detail})" for n in notes
+                    if n.rule == "snap_weights"]

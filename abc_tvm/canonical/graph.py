@@ -122,14 +122,10 @@ class Graph:
                     n.input[k] = new
             self._consumers[new].append(n)
         if old in self.outputs:  # keep the graph output's name: route it through Identity
-            node = helper.make_node("Identity", [new], [old], name=self.fresh("out"))
             prev = self._producer.get(old)
             if prev is not None:
-                self.nodes.remove(prev)
-                self.nodes.append(prev)
-                prev.output[list(prev.output).index(old)] = self.fresh(old)
-            self.nodes.append(node)
-            self._index()
+                self.rename_output(prev, old, self.fresh(old))
+            self.add_node_named("Identity", [new], [old], "out")
 
     def prune(self) -> None:
         """Drop nodes whose outputs nothing reads, and constants no node reads."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from onnx import helper
 
 from abc_tvm.canonical.graph import Graph
 
@@ -165,7 +166,7 @@ def binary_fc_as_conv(g: Graph) -> list[Note]:
                                        or ("alpha" in attrs and attrs["alpha"].f != 1.0)
                                        or ("beta" in attrs and attrs["beta"].f != 1.0)):
             continue
-        wo = w if _gemm_trans_b(node) else w.T  # [O, C]
+        wo = _out_major(node, w)  # [O, C]
         if not _binary_weight(wo):
             continue
         shape = g.shape_of(node.input[0])
@@ -200,11 +201,5 @@ def _hoist_reshape(g: Graph, value: str, shape: list[int]) -> str:
     data = next(i for i in node.input if i and g.const(i) is None)
     inner = _hoist_reshape(g, data, shape)
     ins = [inner if i == data else i for i in node.input]
-    attrs = {a.name: _attr_value(a) for a in node.attribute}
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     return g.add_node(node.op_type, ins, node.name or node.op_type, **attrs)[0]
-
-
-def _attr_value(a):
-    from onnx import helper
-
-    return helper.get_attribute_value(a)
