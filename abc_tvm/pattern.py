@@ -336,11 +336,34 @@ def _bit(g: Graph, cond: str, ops: list[str],
     return chain, pred, rising, t
 
 
+def _uniform(g: Graph, rnd: Op, w: np.float32, ops: list[str], channels: int | None):
+    """A uniform quantizer w * Round(h) with Round(h) spanning 0..L (DoReFa, an unsigned
+    QONNX Quant: L unipolar planes Round(h) >= j of weight w) or -L..L (a signed narrow
+    Quant: 2L bipolar planes Round(h) >= j of weight w/2, whose ±1 sum is 2 Round(h))."""
+    chain = _monotone(g, rnd.inputs[0], channels)
+    at = [np.round(chain(np.full(channels or 1, v, np.float32))) for v in (-np.inf, np.inf)]
+    ends = [np.minimum(*at), np.maximum(*at)]  # a decreasing (flipped) channel swaps them
+    if not all(np.all(e == e.flat[0]) for e in ends):
+        raise _NoMatch("uniform quantizer spans different levels per channel")
+    lo, hi = (float(e.flat[0]) for e in ends)
+    if not np.isfinite(hi) or not np.isfinite(lo) or hi < 1 or lo not in (0, -hi) \
+            or (hi - lo) > MAX_LEVELS:
+        raise _NoMatch(f"uniform quantizer spans levels {lo:g}..{hi:g}: binary planes need "
+                       f"0..L or -L..L with at most {MAX_LEVELS} steps")
+    ops.append(rnd.name)
+    if lo == 0:
+        planes = [(lambda h, j=j: np.round(h) >= j, w) for j in range(1, int(hi) + 1)]
+        return chain, planes, "unipolar", "uniform"
+    half = np.float32(w / np.float32(2))
+    planes = [(lambda h, j=j: np.round(h) >= j, half) for j in range(int(lo) + 1, int(hi) + 1)]
+    return chain, planes, "bipolar", "uniform"
+
+
 def _plane(g: Graph, a: str, ops: list[str], channels: int | None = None):
     """Walk back from a conv's data input to X: (chain, [(on-predicate, plane weight)], act,
     act_form). Forms: Sign(h) (sign(0) read as +1), Cast(Compare(h, t)) (unipolar),
     Sub(Mul(Cast(..), 2), 1) and Where(Compare, ±1, ∓1) (bipolar), Where(Compare, 1, 0),
-    and k-level uniform Div(Round(h), k) (DoReFa: k planes Round(h) >= j of weight 1/k)."""
+    and k-level uniform Div(Round(h), k), Mul(Round(h), s) or Round(h) (`_uniform`)."""
     op = g.producer(a)
     if op is None:
         raise _NoMatch("conv input is not a binarised activation")
@@ -348,21 +371,14 @@ def _plane(g: Graph, a: str, ops: list[str], channels: int | None = None):
         ops.append(op.name)
         return _monotone(g, op.inputs[0], channels), [(lambda h: h >= 0, np.float32(1))], \
             "bipolar", "sign"
+    if op.op == "Round":
+        return _uniform(g, op, np.float32(1), ops, channels)
     if op.op in ("Div", "Mul") and (co := _const_operand(g, op)) is not None \
             and g.producer(co[0]) is not None and g.producer(co[0]).op == "Round":
-        k = np.float32(co[1]) if op.op == "Div" else np.float32(1) / np.float32(co[1])
-        rnd = g.producer(co[0])
-        chain = _monotone(g, rnd.inputs[0], channels)
-        ends = [np.round(chain(np.full(channels or 1, v, np.float32))) for v in (-np.inf, np.inf)]
-        if not all(np.all(e == e.flat[0]) for e in ends):
-            raise _NoMatch("uniform quantizer spans different levels per channel")
-        lo, hi = (float(e.flat[0]) for e in ends)
-        if not (lo == 0 and 1 <= hi <= MAX_LEVELS and np.isfinite(hi)):
-            raise _NoMatch(f"uniform quantizer spans levels {lo}..{hi}, not 0..1-{MAX_LEVELS}")
-        ops += [op.name, rnd.name]
-        w = np.float32(np.float32(1) / k) if op.op == "Div" else np.float32(co[1])
-        planes = [(lambda h, j=j: np.round(h) >= j, w) for j in range(1, int(hi) + 1)]
-        return chain, planes, "unipolar", "uniform"
+        w = np.float32(np.float32(1) / np.float32(co[1])) if op.op == "Div" \
+            else np.float32(co[1])
+        ops.append(op.name)
+        return _uniform(g, g.producer(co[0]), w, ops, channels)
     if op.op == "Where":
         c1, c0 = g.scalar(op.inputs[1]), g.scalar(op.inputs[2])
         if (c1, c0) not in ((1, -1), (-1, 1), (1, 0), (0, 1)):

@@ -199,7 +199,7 @@ def test_float_fc_is_left_alone():
     assert rules.binary_fc_as_conv(Graph(m)) == []
 
 
-# ------------------------------------------------------------------ pool_before_sign
+# ------------------------------------------------------------- pool_before_binarizer
 
 def test_maxpool_after_sign_moves_before_it_and_the_conv_becomes_binary():
     m = model([helper.make_node("Sign", ["x"], ["s"]),
@@ -209,7 +209,7 @@ def test_maxpool_after_sign_moves_before_it_and_the_conv_becomes_binary():
               [("x", [1, 3, 7, 7])], [("y", [1, 4, 2, 2])], [("w", PM1)])
     assert pattern.find_abc_blocks(pattern.from_onnx(m))[0] == []
     g = Graph(m)
-    assert [n.rule for n in rules.pool_before_sign(g)] == ["pool_before_sign"]
+    assert [n.rule for n in rules.pool_before_binarizer(g)] == ["pool_before_binarizer"]
     out = g.to_model()
     assert ops(out) == ["MaxPool", "Sign", "Conv"]
     x = np.random.default_rng(7).standard_normal((1, 3, 7, 7)).astype(np.float32)
@@ -223,4 +223,64 @@ def test_maxpool_of_a_sign_read_elsewhere_is_left():
                helper.make_node("MaxPool", ["s"], ["p"], kernel_shape=[2, 2]),
                helper.make_node("Relu", ["s"], ["r"])],
               [("x", [1, 3, 4, 4])], [("p", [1, 3, 3, 3]), ("r", [1, 3, 4, 4])])
-    assert rules.pool_before_sign(Graph(m)) == []
+    assert rules.pool_before_binarizer(Graph(m)) == []
+
+
+def _bn(c: int, scale: np.ndarray) -> list:
+    rng = np.random.default_rng(3)
+    return [("bn.s", scale.astype(np.float32)),
+            ("bn.b", rng.normal(0, 1, c).astype(np.float32)),
+            ("bn.m", rng.normal(0, 1, c).astype(np.float32)),
+            ("bn.v", rng.uniform(0.5, 2, c).astype(np.float32))]
+
+
+def _pooled_chain(scale: np.ndarray, shift: np.ndarray) -> onnx.ModelProto:
+    """BatchNorm -> QONNX's bipolar step Where(x >= 0, 1, -1) -> Mul(2) -> MaxPool -> Add."""
+    return model([helper.make_node("BatchNormalization", ["x", "bn.s", "bn.b", "bn.m", "bn.v"],
+                                   ["n"]),
+                  helper.make_node("GreaterOrEqual", ["n", "zero"], ["ge"]),
+                  helper.make_node("Where", ["ge", "one", "mone"], ["w"]),
+                  helper.make_node("Mul", ["w", "two"], ["s"]),
+                  helper.make_node("MaxPool", ["s"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+                  helper.make_node("Add", ["p", "shift"], ["y"])],
+                 [("x", [1, 3, 6, 6])], [("y", [1, 3, 3, 3])],
+                 _bn(3, scale) + [("zero", np.float32(0)), ("one", np.float32(1)),
+                                  ("mone", np.float32(-1)), ("two", np.float32(2)),
+                                  ("shift", shift)])
+
+
+def test_maxpool_moves_above_a_bipolar_step_and_a_positive_batchnorm():
+    m = _pooled_chain(np.array([0.5, 1.0, 2.0]), np.float32(0.25))
+    g = Graph(m)
+    (note,) = rules.pool_before_binarizer(g)
+    assert "BatchNormalization" in note.detail
+    out = g.to_model()
+    assert ops(out) == ["MaxPool", "BatchNormalization", "GreaterOrEqual", "Where", "Mul", "Add"]
+    x = np.random.default_rng(8).standard_normal((1, 3, 6, 6)).astype(np.float32)
+    np.testing.assert_array_equal(run(out, x), run(m, x))
+
+
+def test_maxpool_stops_below_a_batchnorm_with_a_negative_scale():
+    """max of a decreasing function is the function of the min: the BN stays above."""
+    m = _pooled_chain(np.array([0.5, -1.0, 2.0]), np.float32(0.25))
+    g = Graph(m)
+    rules.pool_before_binarizer(g)
+    out = g.to_model()
+    assert ops(out) == ["BatchNormalization", "MaxPool", "GreaterOrEqual", "Where", "Mul", "Add"]
+    x = np.random.default_rng(9).standard_normal((1, 3, 6, 6)).astype(np.float32)
+    np.testing.assert_array_equal(run(out, x), run(m, x))
+
+
+def test_maxpool_stays_below_a_constant_that_varies_along_width():
+    """A [W]-shaped constant differs between the pooled pixels: no commuting."""
+    m = model([helper.make_node("Add", ["x", "c"], ["a"]),
+               helper.make_node("Sign", ["a"], ["s"]),
+               helper.make_node("MaxPool", ["a"], ["p"], kernel_shape=[2, 2])],
+              [("x", [1, 3, 4, 4])], [("p", [1, 3, 3, 3]), ("s", [1, 3, 4, 4])],
+              [("c", np.arange(4, dtype=np.float32))])
+    assert rules.pool_before_binarizer(Graph(m)) == []
+    m2 = model([helper.make_node("Add", ["x", "c"], ["a"]),
+                helper.make_node("MaxPool", ["a"], ["p"], kernel_shape=[2, 2])],
+               [("x", [1, 3, 4, 4])], [("p", [1, 3, 3, 3])],
+               [("c", np.arange(4, dtype=np.float32))])
+    assert rules.pool_before_binarizer(Graph(m2)) == []

@@ -213,6 +213,6 @@ def test_maxpool_between_sign_and_binary_conv(tmp_path, ort_run, max_rel_err):
                       opset_version=17)
     report = compile_model(path, "x86", tmp_path / "p.so", quiet=True)
     assert len(report.abc_layers) == 1
-    assert any(c["rule"] == "pool_before_sign" for c in report.canonical)
+    assert any(c["rule"] == "pool_before_binarizer" for c in report.canonical)
     x = np.random.default_rng(6).uniform(-1, 1, (2, 8, 8, 8)).astype(np.float32)
     assert max_rel_err(load(tmp_path / "p.so", workers=1)(x), ort_run(str(path), x)) <= 1e-5

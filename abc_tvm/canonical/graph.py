@@ -32,6 +32,9 @@ class Graph:
             else:
                 self.nodes.append(node)
         self.outputs = [o.name for o in g.output]
+        # Graph inputs proper: an initializer listed as an input too (what exporters with
+        # keep_initializers_as_inputs write) is a constant, gone when nothing reads it.
+        self.inputs = [i for i in g.input if i.name not in self.consts]
         self._names = itertools.count()
         self._index()
         self._shapes: dict[str, tuple[int, ...]] | None = None
@@ -141,7 +144,7 @@ class Graph:
         self._shapes = None
 
     def _topo(self) -> list[onnx.NodeProto]:
-        ready = {i.name for i in self.model.graph.input} | set(self.consts) | {""}
+        ready = {i.name for i in self.inputs} | set(self.consts) | {""}
         pending, order = list(self.nodes), []
         while pending:
             rest = []
@@ -161,9 +164,8 @@ class Graph:
         if prune:
             self.prune()
         g = self.model.graph
-        inputs = [i for i in g.input if i.name not in self.consts]  # (unchanged by rules)
         graph = helper.make_graph(
-            self._topo(), g.name, inputs, list(g.output),
+            self._topo(), g.name, self.inputs, list(g.output),
             [numpy_helper.from_array(np.asarray(v), k) for k, v in self.consts.items()])
         model = helper.make_model(graph, opset_imports=list(self.model.opset_import),
                                   producer_name=self.model.producer_name or "abc-tvm")

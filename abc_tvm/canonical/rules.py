@@ -14,6 +14,7 @@ import numpy as np
 from onnx import helper
 
 from abc_tvm.canonical.graph import Graph
+from abc_tvm.pattern import decompose_folded
 
 SNAP_ULPS = 8  # |W| within this many float32 ulps of one value per channel snaps to it
 
@@ -114,27 +115,88 @@ def split_conv_bias(g: Graph) -> list[Note]:
     return notes
 
 
-def pool_before_sign(g: Graph) -> list[Note]:
-    """MaxPool(Sign(x)) -> Sign(MaxPool(x)): the max of a non-decreasing function is the
-    function of the max (ONNX MaxPool ignores its padding), so a MaxPool between a binarizer
-    and a binary conv no longer hides the binarizer from the conv."""
+def pool_before_binarizer(g: Graph) -> list[Note]:
+    """MaxPool(f(x)) -> f(MaxPool(x)) for f a chain of non-decreasing elementwise ops (Sign,
+    Where(x >= t, a, b) with a >= b, Round, Clip, scalar or per-channel Add/Sub and Mul/Div
+    by positive constants, a BatchNorm with positive scales): the max of a non-decreasing
+    function is the function of the max, channel by channel (ONNX MaxPool ignores its
+    padding). A MaxPool between a binarizer and a binary conv then no longer hides it."""
     notes = []
     for pool in list(g.nodes):
         if pool.op_type != "MaxPool" or len(pool.output) != 1:
             continue
-        sign = g.producer(pool.input[0])
-        if sign is None or sign.op_type != "Sign" or len(g.consumers(sign.output[0])) != 1:
+        chain = _monotone_chain(g, pool.input[0])
+        if not chain:
             continue
+        top, k = chain[-1]
         out = pool.output[0]
         pooled = g.fresh(out)
-        pool.input[0] = sign.input[0]
+        pool.input[0] = top.input[k]
         g.rename_output(pool, out, pooled)
-        g.nodes.remove(sign)
-        g.add_node_named("Sign", [pooled], [out], sign.name or "sign")
-        notes.append(Note(pool.name, "pool_before_sign", "MaxPool moved before its Sign"))
-    if notes:
+        top.input[k] = pooled
+        g.rename_output(chain[0][0], chain[0][0].output[0], out)
         g.prune()
+        notes.append(Note(pool.name, "pool_before_binarizer",
+                          "MaxPool moved before " + ", ".join(n.op_type for n, _ in chain)))
     return notes
+
+
+_ORDER = ("Sign", "Round", "Relu", "Ceil", "Floor")  # unary and non-decreasing
+
+
+def _monotone_chain(g: Graph, value: str) -> list[tuple]:
+    """The non-decreasing elementwise ops computing `value`, each read only by the next:
+    [(node, data input index)] from `value` upwards; a compare only with the Where or Cast
+    that reads it (a MaxPool never lands on a boolean)."""
+    chain: list[tuple] = []
+    while (node := g.producer(value)) is not None and len(g.consumers(value)) == 1:
+        k = _monotone_input(g, node)
+        if k is None:
+            break
+        if node.op_type in ("Where", "Cast"):
+            cmp = g.producer(node.input[0])
+            if cmp is None or len(g.consumers(node.input[0])) != 1 \
+                    or cmp.op_type not in ("GreaterOrEqual", "Greater") \
+                    or g.scalar(cmp.input[1]) is None:
+                break
+            chain += [(node, 0), (cmp, 0)]
+            value = cmp.input[0]
+            continue
+        chain.append((node, k))
+        value = node.input[k]
+    return chain
+
+
+def _monotone_input(g: Graph, node) -> int | None:
+    """The data input through which `node` is non-decreasing (its other inputs constant)."""
+    op, ins = node.op_type, list(node.input)
+    if op in _ORDER:
+        return 0
+    if op == "Clip":
+        return 0 if all(g.const(i) is not None for i in ins[1:] if i) else None
+    if op == "Where":
+        a, b = (g.scalar(i) for i in ins[1:3])
+        return 0 if a is not None and b is not None and a >= b else None
+    if op == "Cast":
+        return 0
+    if op == "BatchNormalization":
+        scale, _, _, var = (g.const(i) for i in ins[1:5])
+        return 0 if scale is not None and var is not None and np.all(scale > 0) else None
+    if op not in ("Add", "Sub", "Mul", "Div") or len(ins) != 2:
+        return None
+    consts = [g.const(i) for i in ins]
+    if (consts[0] is None) == (consts[1] is None):
+        return None
+    k = 0 if consts[1] is not None else 1
+    c = consts[1 - k]
+    if c.size != 1 and (c.ndim < 3 or any(d != 1 for i, d in enumerate(c.shape)
+                                          if i != c.ndim - 3)):
+        return None  # scalar or per channel of NCHW ([C,1,1], [1,C,1,1]) only
+    if op == "Add" or (op == "Sub" and k == 0):
+        return k
+    if op in ("Mul", "Div") and np.all(c > 0) and (op == "Mul" or k == 0):
+        return k
+    return None
 
 
 _ELEMENTWISE = ("Sign", "Clip", "Round", "Cast", "Where", "GreaterOrEqual", "Greater", "Less",
@@ -151,7 +213,8 @@ def _scalar_elementwise(g: Graph, node) -> bool:
 
 
 def binary_fc_as_conv(g: Graph) -> list[Note]:
-    """Gemm/MatMul over [B, C] with a binary weight [C, O] (or [O, C] with transB) becomes
+    """Gemm/MatMul over [B, C] with a binary weight [C, O] (or [O, C] with transB; or one
+    that is an exact sum of a few ±1 bases, as a k-bit weight is) becomes
     Reshape -> 1×1 Conv -> Reshape, so the binary conv kernels run it; the Reshape moves
     above the binarizer's elementwise chain so the conv reads the binarized activation."""
     notes = []
@@ -167,8 +230,8 @@ def binary_fc_as_conv(g: Graph) -> list[Note]:
                                        or ("beta" in attrs and attrs["beta"].f != 1.0)):
             continue
         wo = _out_major(node, w)  # [O, C]
-        if not _binary_weight(wo):
-            continue
+        if not (_binary_weight(wo) or decompose_folded(wo) is not None):
+            continue  # neither ±α per channel nor an exact sum of ±1 bases (k-bit weights)
         shape = g.shape_of(node.input[0])
         if shape is None or len(shape) != 2:
             continue
@@ -195,6 +258,9 @@ def _hoist_reshape(g: Graph, value: str, shape: list[int]) -> str:
     """`value` reshaped to `shape`, the Reshape placed below the elementwise binarizer chain
     that computes it (each op re-emitted on the reshaped input, scalar constants kept)."""
     node = g.producer(value)
+    if node is not None and node.op_type in ("Reshape", "Flatten") \
+            and len(g.consumers(value)) == 1:
+        return _hoist_reshape(g, node.input[0], shape)  # a reshape of a reshape is one
     if node is None or not _scalar_elementwise(g, node):
         target = g.add_const(np.array(shape, np.int64), "fc.shape4")
         return g.add_node("Reshape", [value, target], "fc.reshape")[0]
