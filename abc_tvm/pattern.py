@@ -317,6 +317,17 @@ def _threshold(chain: _Chain, on, channels: int | None) -> np.ndarray:
     return t if chain.per_channel else t[0]
 
 
+def _constant_plane(chain: _Chain, channels: int | None) -> np.ndarray:
+    """Thresholds of a plane whose bit is 1 for every value: -inf (x >= -inf), and NaN
+    (never) on a flipped channel, whose negated weight then gives back the same +1 term."""
+    if not chain.per_channel:
+        return np.float32(-np.inf)
+    t = np.full(channels, -np.inf, np.float32)
+    if chain.flip is not None:
+        t[chain.flip] = np.nan
+    return t
+
+
 _COMPARE = {"GreaterOrEqual": (np.greater_equal, True), "Greater": (np.greater, True),
             "Less": (np.less, False), "LessOrEqual": (np.less_equal, False)}
 
@@ -338,24 +349,28 @@ def _bit(g: Graph, cond: str, ops: list[str],
 
 def _uniform(g: Graph, rnd: Op, w: np.float32, ops: list[str], channels: int | None):
     """A uniform quantizer w * Round(h) with Round(h) spanning 0..L (DoReFa, an unsigned
-    QONNX Quant: L unipolar planes Round(h) >= j of weight w) or -L..L (a signed narrow
-    Quant: 2L bipolar planes Round(h) >= j of weight w/2, whose ±1 sum is 2 Round(h))."""
+    QONNX Quant: L unipolar planes Round(h) >= j of weight w), -L..L (a signed narrow
+    Quant: 2L bipolar planes Round(h) >= j of weight w/2, whose ±1 sum is 2 Round(h)) or
+    -L-1..L (signed, full range: those 2L+1 planes sum to 2 Round(h) + 1, and one constant
+    +1 plane of weight -w/2 takes the 1 off; it is 0 in the zero padding, as it must be)."""
     chain = _monotone(g, rnd.inputs[0], channels)
     at = [np.round(chain(np.full(channels or 1, v, np.float32))) for v in (-np.inf, np.inf)]
     ends = [np.minimum(*at), np.maximum(*at)]  # a decreasing (flipped) channel swaps them
     if not all(np.all(e == e.flat[0]) for e in ends):
         raise _NoMatch("uniform quantizer spans different levels per channel")
     lo, hi = (float(e.flat[0]) for e in ends)
-    if not np.isfinite(hi) or not np.isfinite(lo) or hi < 1 or lo not in (0, -hi) \
+    if not np.isfinite(hi) or not np.isfinite(lo) or hi < 1 or lo not in (0, -hi, -hi - 1) \
             or (hi - lo) > MAX_LEVELS:
         raise _NoMatch(f"uniform quantizer spans levels {lo:g}..{hi:g}: binary planes need "
-                       f"0..L or -L..L with at most {MAX_LEVELS} steps")
+                       f"0..L, -L..L or -L-1..L with at most {MAX_LEVELS} steps")
     ops.append(rnd.name)
     if lo == 0:
         planes = [(lambda h, j=j: np.round(h) >= j, w) for j in range(1, int(hi) + 1)]
         return chain, planes, "unipolar", "uniform"
     half = np.float32(w / np.float32(2))
     planes = [(lambda h, j=j: np.round(h) >= j, half) for j in range(int(lo) + 1, int(hi) + 1)]
+    if lo == -hi - 1:  # the planes' ±1 sum is 2 Round(h) + 1: a constant plane takes the 1
+        planes.append((None, -half))
     return chain, planes, "bipolar", "uniform"
 
 
@@ -441,7 +456,8 @@ def _branch(g: Graph, conv: Op) -> _Branch:
     if chain.flip is not None and act != "bipolar":
         raise _NoMatch("a BatchNorm with a negative scale before a unipolar binarizer")
     ops += chain.ops
-    thresholds = [_threshold(chain, on, channels) for on, _ in planes]
+    thresholds = [_threshold(chain, on, channels) if on is not None
+                  else _constant_plane(chain, channels) for on, _ in planes]
     out = conv.outputs[0]
     users = g.consumers(out)
     if position == "after" and len(users) == 1 and users[0].op == "Mul":

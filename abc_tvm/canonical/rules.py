@@ -268,4 +268,8 @@ def _hoist_reshape(g: Graph, value: str, shape: list[int]) -> str:
     inner = _hoist_reshape(g, data, shape)
     ins = [inner if i == data else i for i in node.input]
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    return g.add_node(node.op_type, ins, node.name or node.op_type, **attrs)[0]
+    (out,) = g.add_node(node.op_type, ins, node.name or node.op_type, **attrs)
+    if node.name:  # the re-emitted op keeps the name (notes of earlier rules refer to it)
+        new = g.producer(out)
+        node.name, new.name = new.name, node.name
+    return out

@@ -29,6 +29,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <new>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -109,9 +110,28 @@ void CheckElf(const std::string& path) {
 
 // --------------------------------------------------------------------------- .npy
 
+// TVM takes a DLTensor only at 64-byte alignment (FromDLPack checks it): std::vector's
+// allocator gives 16, so a small input (which malloc does not page-align) was refused.
+template <typename T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <typename U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(size_t n) {
+    size_t bytes = (n * sizeof(T) + 63) / 64 * 64;
+    void* p = std::aligned_alloc(64, bytes == 0 ? 64 : bytes);
+    if (p == nullptr) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t) { std::free(p); }
+  template <typename U>
+  bool operator==(const Aligned64<U>&) const { return true; }
+};
+
 struct Array {
   std::vector<int64_t> shape;
-  std::vector<float> data;
+  std::vector<float, Aligned64<float>> data;
 };
 
 // The value of 'key' in a .npy header dict ("{'descr': '<f4', 'fortran_order': False, ...}").
