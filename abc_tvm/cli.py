@@ -18,13 +18,17 @@ from abc_tvm.errors import UserError
 def _zoo(args: argparse.Namespace) -> None:
     import torch
 
+    from abc_tvm import finn_models
     from abc_tvm.bnn_models import RESEARCH_ZOO
     from abc_tvm.export import to_onnx
     from abc_tvm.models import ZOO
 
-    if args.name not in ZOO and args.name not in RESEARCH_ZOO:
+    if args.name not in ZOO and args.name not in RESEARCH_ZOO and args.name not in finn_models.ZOO:
         raise UserError(f"unknown model {args.name!r}: choose one of "
-                        f"{', '.join([*ZOO, *RESEARCH_ZOO])}")
+                        f"{', '.join([*ZOO, *RESEARCH_ZOO, *finn_models.ZOO])}")
+    if args.name in finn_models.ZOO:
+        _finn_zoo(args, finn_models.ZOO[args.name])
+        return
     if args.name in RESEARCH_ZOO:
         _research_zoo(args, *RESEARCH_ZOO[args.name])
         return
@@ -61,6 +65,24 @@ def _research_zoo(args: argparse.Namespace, build, default_size: int) -> None:
                       input_names=["input"], output_names=["logits"])
     print(f"wrote {args.output}: {args.name} as its research code exports it "
           f"(-M/-N/--act do not apply), input [{args.batch}, 3, {size}, {size}]")
+
+
+def _finn_zoo(args: argparse.Namespace, config: str) -> None:
+    """FINN's bnn_pynq network as Brevitas ships it, exported as QONNX (brevitas needed)."""
+    import torch
+
+    from abc_tvm import finn_models
+
+    if args.image_size is not None:
+        raise UserError(f"{args.name} has a fixed input size: leave out --image-size")
+    _check_zoo_sizes(args, 32)
+    model = finn_models.build(config, seed=args.seed)
+    shape = finn_models.input_shape(config)
+    example = torch.rand(args.batch, *shape, generator=torch.Generator().manual_seed(0))
+    finn_models.export(model, example, args.output)
+    print(f"wrote {args.output} (+ {args.output.name}.data): {args.name}, FINN's bnn_pynq "
+          f"{config} as QONNX (untrained, random BatchNorm statistics), input "
+          f"[{args.batch}, {', '.join(map(str, shape))}]")
 
 
 def _compile(args: argparse.Namespace) -> None:
@@ -137,7 +159,9 @@ def parser() -> argparse.ArgumentParser:
 
     z = sub.add_parser("zoo", help="write a bundled ABC model as ONNX")
     z.add_argument("name", help="abc_resnet18 | abc_resnet20 (ABC export) | reactnet_a | "
-                                "bireal18 (as their research code exports them)")
+                                "bireal18 (as their research code exports them) | "
+                                "finn_cnv_1w1a, finn_lfc_1w2a, ... (FINN's bnn_pynq as QONNX; "
+                                "needs brevitas)")
     z.add_argument("-M", type=int, default=3, help="weight bases (1-8)")
     z.add_argument("-N", type=int, default=3, help="activation planes (1-8)")
     z.add_argument("-o", "--output", required=True, type=Path)

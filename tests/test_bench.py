@@ -180,5 +180,23 @@ def test_research_workload_bench_times_every_peer(tmp_path):
     assert row["binary_layers"] == 16 and len(row["layer_ms"]) == 16
     assert set(row["best_ms"]) == {"abc-tvm", "ORT fp32", "PyTorch eager"}
     assert all(v > 0 for v in row["best_ms"].values()) and row["max_rel_err"] < 1e-4
-    text = research.section(found)
-    assert text.startswith("## Research BNN exports (x86: ") and "| bireal18 (32²) |" in text
+    (text,) = research.sections(found)
+    assert text.startswith("## Research BNN exports (x86: ") and "| bireal18 (3x32x32) | 1 |" \
+        in text
+
+
+def test_qonnx_workload_bench_runs_both_batches(tmp_path):
+    """`bench --models finn_tfc_1w2a`: batch 1 and 64, ORT on the float-lowered model,
+    Brevitas eager as the PyTorch peer, in the QONNX section."""
+    pytest.importorskip("brevitas")
+    from abc_tvm.bench import research
+
+    found = research.run(["finn_tfc_1w2a"], 3, None, tmp_path)
+    assert [r["batch"] for r in found["rows"]] == [1, 64]
+    for row in found["rows"]:
+        assert row["binary_layers"] == 4 and len(row["layer_ms"]) == 4
+        assert set(row["best_ms"]) == {"abc-tvm", "ORT fp32", "Brevitas eager"}
+        assert row["max_rel_err"] < 1e-5
+    (text,) = research.sections(found)
+    assert text.startswith("## QONNX exports: FINN's bnn_pynq (x86: ")
+    assert "| finn_tfc_1w2a (1x28x28) | 64 |" in text

@@ -285,3 +285,17 @@ def test_bnn_pynq_on_aarch64_under_qemu(config, tmp_path, max_rel_err):
     got = deploy.run_bundle(tmp_path / "bundle", x.numpy())
     assert max_rel_err(got, ref) <= 1e-5
     assert got.argmax(1).tolist() == ref.argmax(1).tolist()
+
+
+def test_zoo_writes_bnn_pynq_as_qonnx_and_says_when_brevitas_is_missing(tmp_path, monkeypatch,
+                                                                         capsys):
+    from abc_tvm.cli import main
+
+    out = tmp_path / "tfc.onnx"
+    assert main(["zoo", "finn_tfc_1w1a", "-o", str(out), "--batch", "2"]) == 0
+    m = onnx.load(out)
+    assert {n.op_type for n in m.graph.node if n.domain == QONNX} == {"BipolarQuant"}
+    assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 2
+    monkeypatch.setitem(sys.modules, "brevitas_examples.bnn_pynq.models", None)
+    assert main(["zoo", "finn_cnv_1w1a", "-o", str(tmp_path / "c.onnx")]) == 2
+    assert "pip install 'abc-tvm[qonnx]'" in capsys.readouterr().err

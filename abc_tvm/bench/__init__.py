@@ -49,8 +49,9 @@ def bench_from_args(args: argparse.Namespace) -> dict:
         found = research.run(names, args.repeat or 15, args.image_size, args.work_dir)
         print(research.table(found))
         if not args.no_doc:
-            write_doc(args.doc, research.section(found))
-            print(f"wrote the research section of {args.doc}")
+            for sec in research.sections(found):
+                write_doc(args.doc, sec)
+                print(f"wrote '{sec.splitlines()[0][3:]}' in {args.doc}")
         out["research"] = found
         if abc_models is None:
             return out

@@ -26,16 +26,39 @@ from abc_tvm.errors import UserError
 
 @dataclass(frozen=True)
 class Workload:
+    """One benchmarked network: how to build and export it, at which batch sizes, and which
+    ONNX the float peer (ONNX Runtime) runs."""
+
     name: str
-    build: Callable  # (num_classes=..., seed=...) -> torch.nn.Module in eval mode
-    image_size: int
+    build: Callable  # (seed=...) -> torch.nn.Module in eval mode
+    input_shape: tuple[int, int, int]  # (C, H, W); H and W follow --image-size if resizable
+    export: Callable  # (model, example, path) -> None
+    batches: tuple[int, ...] = (1,)
+    resizable: bool = True
+    # ORT runs the canonical model: QONNX's quantizers as float ops (it cannot run QONNX).
+    float_lowered: bool = False
+    peer: str = "PyTorch eager"
+
+
+def _torch_export(model, example, path) -> None:
+    import torch
+
+    torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17)
 
 
 def workloads() -> dict[str, Workload]:
-    """Every research workload by name (imports torch: call it when benchmarking)."""
+    """Every research and QONNX workload by name (imports torch: call it when benchmarking)."""
+    from abc_tvm import finn_models
     from abc_tvm.bnn_models import RESEARCH_ZOO
 
-    return {name: Workload(name, build, size) for name, (build, size) in RESEARCH_ZOO.items()}
+    found = {name: Workload(name, build, (3, size, size), _torch_export)
+             for name, (build, size) in RESEARCH_ZOO.items()}
+    for name, config in finn_models.ZOO.items():
+        found[name] = Workload(
+            name, lambda seed, config=config: finn_models.build(config, seed=seed),
+            finn_models.input_shape(config), finn_models.export, batches=(1, 64),
+            resizable=False, float_lowered=True, peer="Brevitas eager")
+    return found
 
 
 def split_models(text: str | None) -> tuple[str | None, list[str]]:
@@ -99,14 +122,7 @@ def _binary_macs(proto, layers: list[dict]) -> list[int]:
 
 def measure(names: list[str], repeat: int, image_size: int | None, command: str = "") -> dict:
     """In this process (threads already fixed): each workload's times, ratios and layers."""
-    import numpy as np
-    import onnxruntime as ort
     import torch
-
-    from abc_tvm.bench.jobs import profile_kernels
-    from abc_tvm.blocks import match
-    from abc_tvm.compiler import compile_model
-    from abc_tvm.runtime import load
 
     torch.set_num_threads(1)
     registry = workloads()
@@ -116,85 +132,126 @@ def measure(names: list[str], repeat: int, image_size: int | None, command: str 
     rows = []
     for name in names:
         wl = registry[name]
-        size = image_size or wl.image_size
         net = wl.build(seed=0)
-        x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-        path = tmp / f"{name}.onnx"
-        torch.onnx.export(net, (x,), str(path), dynamo=False, opset_version=17)
-        so = tmp / f"{name}.so"
-        report = compile_model(path, "x86", so, quiet=True)
-        proto = match(str(path))[0]
-        macs = _binary_macs(proto, report.abc_layers)
-        xn = x.numpy()
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        feed = {sess.get_inputs()[0].name: xn}
-        mod = load(so, workers=1)
-        ref = sess.run(None, feed)[0]
-        err = float(np.abs(mod(xn) - ref).max() / np.abs(ref).max())
-        peers: dict[str, Callable[[], object]] = {
-            "abc-tvm": lambda mod=mod, xn=xn: mod(xn),
-            "ORT fp32": lambda sess=sess, feed=feed: sess.run(None, feed),
-            "PyTorch eager": lambda net=net, x=x: net(x)}
-        samples: dict[str, list[float]] = {k: [] for k in peers}
-        with torch.no_grad():
-            for _ in range(3):  # interleaved rounds: a noisy moment hits every peer
-                for k, fn in peers.items():
-                    samples[k] += _time(fn, max(1, repeat // 3))
-        np.save(tmp / f"{name}.x.npy", xn)
-        per_layer = [p["ms"] for p in profile_kernels(str(so), str(tmp / f"{name}.x.npy"),
-                                                      repeat)]
-        rows.append({"name": name, "image_size": size, "max_rel_err": err,
-                     "best_ms": {k: min(v) for k, v in samples.items()},
-                     "median_ms": {k: float(np.median(v)) for k, v in samples.items()},
-                     "binary_layers": len(report.abc_layers), "binary_macs": macs,
-                     "layer_ms": per_layer, "layers": report.abc_layers})
+        for batch in wl.batches:
+            rows.append(_measure_one(wl, net, batch, image_size, repeat, tmp))
     peaks.append(peak_mod.measure_peak(threads=1).gbitops_per_s)  # noisy start: keep higher
     return {"machine": machine_info(), "peak_gbitops": max(peaks), "rows": rows,
             "command": command}
 
 
-def table(results: dict) -> str:
-    """The results as Markdown: one row per workload, then each one's per-layer summary."""
+def _measure_one(wl: Workload, net, batch: int, image_size: int | None, repeat: int,
+                 tmp: Path) -> dict:
+    """One workload at one batch size: abc-tvm, ORT fp32 and the PyTorch peer, interleaved."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from abc_tvm.bench.jobs import profile_kernels
+    from abc_tvm.blocks import match
+    from abc_tvm.compiler import compile_model
+    from abc_tvm.runtime import load
+
+    c, h, w = wl.input_shape
+    if image_size and wl.resizable:
+        h = w = image_size
+    x = torch.rand(batch, c, h, w, generator=torch.Generator().manual_seed(0))
+    stem = f"{wl.name}_b{batch}"
+    path = tmp / f"{stem}.onnx"
+    wl.export(net, x, path)
+    so = tmp / f"{stem}.so"
+    report = compile_model(path, "x86", so, quiet=True)
+    proto = match(str(path))[0]
+    macs = [m * batch for m in _binary_macs(proto, report.abc_layers)]
+    ort_model = str(path)
+    if wl.float_lowered:
+        ort_model = str(tmp / f"{stem}.float.onnx")
+        onnx.save(proto, ort_model)
+    xn = x.numpy()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(ort_model, opts, providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name: xn}
+    mod = load(so, workers=1)
+    ref = sess.run(None, feed)[0]
+    err = float(np.abs(mod(xn) - ref).max() / np.abs(ref).max())
+    peers: dict[str, Callable[[], object]] = {
+        "abc-tvm": lambda: mod(xn), "ORT fp32": lambda: sess.run(None, feed),
+        wl.peer: lambda: net(x)}
+    samples: dict[str, list[float]] = {k: [] for k in peers}
+    with torch.no_grad():
+        for _ in range(3):  # interleaved rounds: a noisy moment hits every peer
+            for k, fn in peers.items():
+                samples[k] += _time(fn, max(1, repeat // 3))
+    np.save(tmp / f"{stem}.x.npy", xn)
+    per_layer = [p["ms"] for p in profile_kernels(str(so), str(tmp / f"{stem}.x.npy"), repeat)]
+    return {"name": wl.name, "batch": batch, "shape": [c, h, w], "max_rel_err": err,
+            "float_lowered": wl.float_lowered, "peer": wl.peer,
+            "best_ms": {k: min(v) for k, v in samples.items()},
+            "median_ms": {k: float(np.median(v)) for k, v in samples.items()},
+            "binary_layers": len(report.abc_layers), "binary_macs": macs,
+            "layer_ms": per_layer, "layers": report.abc_layers}
+
+
+def table(results: dict, rows: list[dict] | None = None) -> str:
+    """The results as Markdown: one row per workload and batch, then each one's per-layer
+    summary (the PyTorch peer's column is named by the first row: eager or Brevitas)."""
     peak = results["peak_gbitops"]
-    lines = ["| model | abc-tvm best / median | ORT fp32 best / median | PyTorch eager | "
+    rows = results["rows"] if rows is None else rows
+    peer = rows[0]["peer"] if rows else "PyTorch eager"
+    lines = [f"| model | batch | abc-tvm best / median | ORT fp32 best / median | {peer} | "
              "abc-tvm vs ORT | binary layers | binary GMAC | binary layers at peak |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     notes = []
-    for r in results["rows"]:
+    for r in rows:
         b, m = r["best_ms"], r["median_ms"]
         gmac = sum(r["binary_macs"]) / 1e9
+        shape = "x".join(map(str, r["shape"]))
         lines.append(
-            f"| {r['name']} ({r['image_size']}²) | {b['abc-tvm']:.1f} / {m['abc-tvm']:.1f} ms | "
-            f"{b['ORT fp32']:.1f} / {m['ORT fp32']:.1f} ms | {b['PyTorch eager']:.1f} ms | "
-            f"**{b['ORT fp32'] / b['abc-tvm']:.2f}x** | {r['binary_layers']} | {gmac:.2f} | "
-            f"{gmac / peak * 1e3:.2f} ms |")
+            f"| {r['name']} ({shape}) | {r['batch']} | {b['abc-tvm']:.2f} / {m['abc-tvm']:.2f} ms"
+            f" | {b['ORT fp32']:.2f} / {m['ORT fp32']:.2f} ms | {b[r['peer']]:.1f} ms | "
+            f"**{b['ORT fp32'] / b['abc-tvm']:.2f}x** | {r['binary_layers']} | {gmac:.3f} | "
+            f"{gmac / peak * 1e3:.3f} ms |")
         pct = [mac / (peak * 1e6) / ms * 100 for mac, ms in zip(r["binary_macs"], r["layer_ms"],
                                                                strict=False) if ms > 0]
         if pct:
             worst = sorted(zip(pct, r["layers"], strict=False), key=lambda t: t[0])[:3]
             notes.append(
-                f"- {r['name']}: binary layers in the model at {min(pct):.0f}–{max(pct):.0f}% of "
-                f"peak (median {sorted(pct)[len(pct) // 2]:.0f}%), {sum(r['layer_ms']):.2f} ms "
-                "in all; lowest: " + "; ".join(
+                f"- {r['name']} batch {r['batch']}: binary layers in the model at "
+                f"{min(pct):.0f}–{max(pct):.0f}% of peak (median {sorted(pct)[len(pct) // 2]:.0f}%"
+                f"), {sum(r['layer_ms']):.2f} ms in all, {sum(r['layer_ms']) / b['abc-tvm']:.0%} "
+                "of the model; lowest: " + "; ".join(
                     f"{a['out_channels']}x{a['in_channels']}x{a['kernel'][0]}x{a['kernel'][1]}"
-                    f" s{a['strides'][0]} {p:.0f}%" for p, a in worst)
+                    f" M{a['M']}N{a['N']} {p:.0f}%" for p, a in worst)
                 + f"; max rel. error vs ORT {r['max_rel_err']:.1e}")
     return "\n".join(lines + [""] + notes)
 
 
-def section(results: dict) -> str:
-    """The `docs/benchmarks.md` section these results rewrite (one per CPU model)."""
+def sections(results: dict) -> list[str]:
+    """The `docs/benchmarks.md` sections these results rewrite (one per kind and CPU model):
+    research exports, and QONNX exports."""
     mach = results["machine"]
     mcpu = _llvm_mcpu()
-    return "\n".join([
-        f"## Research BNN exports (x86: {mcpu})", "",
-        f"{mach.get('cpu', '?')}, 1 thread, batch 1, random weights with non-trivial BatchNorm "
-        "statistics, TorchScript export at opset 17, the same ONNX for every runtime, "
-        "interleaved rounds, untuned. AND+popcount peak measured in the same run: "
-        f"{results['peak_gbitops']:.0f} Gbit-ops/s. Command: `{results['command']}`.", "",
-        table(results), ""])
+    head = (f"{mach.get('cpu', '?')}, 1 thread, random weights with non-trivial BatchNorm "
+            "statistics, interleaved rounds, untuned. AND+popcount peak measured in the same "
+            f"run: {results['peak_gbitops']:.0f} Gbit-ops/s. Command: `{results['command']}`.")
+    research = [r for r in results["rows"] if not r["float_lowered"]]
+    qonnx = [r for r in results["rows"] if r["float_lowered"]]
+    out = []
+    if research:
+        out.append("\n".join([
+            f"## Research BNN exports (x86: {mcpu})", "",
+            head + " TorchScript export at opset 17, the same ONNX for every runtime.", "",
+            table(results, research), ""]))
+    if qonnx:
+        out.append("\n".join([
+            f"## QONNX exports: FINN's bnn_pynq (x86: {mcpu})", "",
+            head + " Brevitas `export_qonnx` (dynamo); abc-tvm compiles that file; ONNX "
+            "Runtime, which cannot run QONNX, runs the same model with each quantizer as "
+            "float ops (abc-tvm's canonical form); Brevitas eager runs the PyTorch model.", "",
+            table(results, qonnx), ""]))
+    return out
 
 
 def _llvm_mcpu() -> str:
