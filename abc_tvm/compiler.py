@@ -147,6 +147,9 @@ def _report(fr: Front, model_name: str, spec: targets.TargetSpec, rewritten: lis
     for r in rewritten:
         blk = by_name[r.block.name]
         fused = _fused_glue(graph, blk.output, r.glue)
+        pool = graph.producer(blk.input) if r.pooled_input else None
+        if pool is not None and pool.op == "MaxPool":
+            fused.insert(0, pool.name)
         covered.update([*blk.ops, *fused])
         report.abc_layers.append({**blk.summary(), "kernel_impl": r.kernel,
                                   "word_bits": spec.word_bits, "fused_ops": fused,

@@ -100,6 +100,9 @@ class ABCBlock:
     strides: tuple[int, int]
     pads: tuple[int, int, int, int]  # top, left, bottom, right
     ops: list[str] = field(default_factory=list)
+    # input channels whose kernel bit is the complement of the graph's (a negative BatchNorm
+    # scale in the binarizer; the bases are negated there): such bits do not OR-pool
+    flip: np.ndarray | None = None
 
     @property
     def M(self) -> int:
@@ -740,7 +743,7 @@ def find_abc_blocks(g: Graph) -> tuple[list[ABCBlock], list[Miss]]:
             beta=np.array([bt for m in members for bt in m.betas], np.float32),
             strides=tuple(b.conv.attrs.get("strides", [1, 1])),
             pads=(pads[0], pads[1], pads[2], pads[3]),
-            ops=[o for m in members for o in m.ops] + add_ops + weight_ops,
+            ops=[o for m in members for o in m.ops] + add_ops + weight_ops, flip=b.flip,
         ))
     return blocks, misses
 

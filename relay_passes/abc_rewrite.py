@@ -42,6 +42,7 @@ from abc_tvm.schedules import (
     bitpack_nhwc_func,
     block_vector,
     compute,
+    packed_maxpool_func,
 )
 
 # Relax ops in ONNX's vocabulary, for the matcher.
@@ -67,6 +68,7 @@ class Rewritten:
     block: pattern.ABCBlock
     kernel: str
     glue: list[str] = field(default_factory=list)  # ONNX op types fused into the kernel
+    pooled_input: bool = False  # the MaxPool writing the block's input ran on packed bits
 
 
 def _graph(func: relax.Function) -> tuple[pattern.Graph, dict[str, relax.Var]]:
@@ -155,6 +157,13 @@ def _graph(func: relax.Function) -> tuple[pattern.Graph, dict[str, relax.Var]]:
                              pads=[int(p) for p in a.padding],
                              dilations=[int(d) for d in a.dilation])
                 attrs.setdefault("group", int(a.groups))
+            elif op == "relax.nn.max_pool2d":
+                a = v.attrs
+                attrs = {"kernel": tuple(int(k) for k in a.pool_size),
+                         "strides": tuple(int(k) for k in a.strides),
+                         "pads": tuple(int(k) for k in a.padding),
+                         "plain": (all(int(d) == 1 for d in a.dilation)
+                                   and str(a.layout) == str(a.out_layout) == "NCHW")}
             elif op == "relax.nn.prelu":
                 attrs = {"axis": int(v.attrs.axis)}
             elif op == "relax.nn.batch_norm":
@@ -386,6 +395,7 @@ class _Plan:
     float_out: bool = False
     next_thresholds: np.ndarray | None = None  # thresholds of the ABC consumers it packs for
     packed_from: str | None = None  # chain end of the producer whose packed output we read
+    pool: pattern.Op | None = None  # a MaxPool between that producer and us: OR-pool its planes
 
 
 def _plan_fused(g: pattern.Graph, blocks: list[pattern.ABCBlock],
@@ -399,24 +409,45 @@ def _plan_fused(g: pattern.Graph, blocks: list[pattern.ABCBlock],
         plans[glue.end] = _Plan(blk, blk.input, glue)
     block_ops = {op for p in plans.values() for op in p.block.ops}
     residual_of = {p.glue.residual for p in plans.values() if p.glue.residual}
+    plan_of = {id(p.block): p for p in plans.values()}
     for end, plan in plans.items():
-        readers = [b for b in blocks if b.input == end]
-        others = [u for u in g.consumers(end) if u.name not in block_ops]
+        pool = _pool_to_blocks(g, end, blocks)
+        readers = [b for b in blocks if b.input == end] if pool is None else \
+            [b for b in blocks if b.input == pool.outputs[0]]
+        others = [u for u in g.consumers(end) if u.name not in block_ops
+                  and (pool is None or u is not pool)]
         plan.float_out = bool(others) or end in residual_of
         o = int(plan.block.bases.shape[1])
+        # Planes with per-channel thresholds pack in the kernel only ahead of a MaxPool (it
+        # saves the float pool); before a binary conv directly a separate pack is faster.
         if readers and (not compute.packs_whole_words(o, 64)
-                        or any(b.thresholds.ndim == 2 for b in readers)):
+                        or (pool is None and any(b.thresholds.ndim == 2 for b in readers))):
             plan.float_out = True  # the readers pack from the float output
         elif readers:
             thr = readers[0].thresholds
             sharing = [b for b in readers if np.array_equal(b.thresholds, thr)]
             plan.next_thresholds = np.asarray(thr, np.float32)
             for b in sharing:
-                plans_by_block = [p for p in plans.values() if p.block is b]
-                plans_by_block[0].packed_from = end
+                plan_of[id(b)].packed_from, plan_of[id(b)].pool = end, pool
             if len(sharing) != len(readers):
                 plan.float_out = True  # the others pack from the float output
     return plans
+
+
+def _pool_to_blocks(g: pattern.Graph, end: str,
+                    blocks: list[pattern.ABCBlock]) -> pattern.Op | None:
+    """A MaxPool that alone reads a fused kernel's output and is read by binary blocks only,
+    none with complemented (flipped) bits: it can run on the packed planes (an OR)."""
+    users = g.consumers(end)
+    if len(users) != 1 or users[0].op != "relax.nn.max_pool2d" \
+            or not users[0].attrs.get("plain"):
+        return None
+    pool = users[0]
+    readers = [b for b in blocks if b.input == pool.outputs[0]]
+    if not readers or len(g.consumers(pool.outputs[0])) != len(readers) \
+            or any(b.flip is not None for b in readers):
+        return None
+    return pool
 
 
 @mutator
@@ -434,6 +465,7 @@ class _FusedRewriter(PyExprMutator):
         self.nhwc: dict[str, relax.Expr] = {}  # chain end -> NHWC float output
         self.packed: dict[str, relax.Expr] = {}  # chain end -> packed planes for its readers
         self.bitpacks: dict[tuple, relax.Expr] = {}
+        self.pooled: dict[str, relax.Expr] = {}  # MaxPool output -> OR-pooled planes
         self.kernels: list[str] = []
 
     def _add(self, func: tvm.tirx.PrimFunc) -> relax.GlobalVar:
@@ -442,7 +474,9 @@ class _FusedRewriter(PyExprMutator):
     def _packed_input(self, plan: _Plan) -> relax.Expr:
         blk = plan.block
         if plan.packed_from is not None and plan.packed_from in self.packed:
-            return self.packed[plan.packed_from]
+            if plan.pool is None:
+                return self.packed[plan.packed_from]
+            return self._or_pool(self.packed[plan.packed_from], plan.pool, plan.x)
         key = (plan.x, blk.thresholds.tobytes())
         if key not in self.bitpacks:
             w = self.word_bits
@@ -455,6 +489,18 @@ class _FusedRewriter(PyExprMutator):
             self.bitpacks[key] = self.builder_.emit(relax.call_tir(
                 self._add(func), [x, relax.const(thr, "float32")], out))
         return self.bitpacks[key]
+
+    def _or_pool(self, packed: relax.Expr, pool: pattern.Op, out: str) -> relax.Expr:
+        """MaxPool on the producer's planes (`packed_maxpool_func`), once per pool."""
+        if out not in self.pooled:
+            shape = _shape(packed)
+            _, _, oh, ow = _shape(self.vars_[out])
+            func = packed_maxpool_func(shape, pool.attrs["kernel"], pool.attrs["strides"],
+                                       pool.attrs["pads"], (oh, ow), self.word_bits,
+                                       self.target)
+            ty = relax.TensorType((*shape[:2], oh, ow, shape[4]), f"uint{self.word_bits}")
+            self.pooled[out] = self.builder_.emit(relax.call_tir(self._add(func), [packed], ty))
+        return self.pooled[out]
 
     def _nhwc(self, name: str) -> relax.Expr:
         """A float activation in NHWC: a fused kernel's own output, or a permute of the NCHW
@@ -597,8 +643,9 @@ def rewrite(mod: tvm.IRModule, target: tvm.target.Target, word_bits: int,
                   if isinstance(v.ty, relax.TensorType) and v.ty.shape is not None}
         fplans = _plan_fused(graph, accepted, shapes)
         done = [Rewritten(p.block, "abc_block: AND/popcount + fused " + (
-            ", ".join(dict.fromkeys(p.glue.kinds)) or "epilogue"), list(p.glue.kinds))
-            for p in fplans.values()]
+            ", ".join(dict.fromkeys(p.glue.kinds)) or "epilogue")
+            + ("; its input MaxPool runs on packed bits" if p.pool is not None else ""),
+            list(p.glue.kinds), p.pool is not None) for p in fplans.values()]
         done.sort(key=lambda r: accepted.index(r.block))
         rw = _FusedRewriter(mod, fplans, vars_, target, word_bits, scheduled=not tunable,
                             floats=floats)

@@ -15,6 +15,7 @@ from .compute import ConvGeometry, num_words, word_dtype
 __all__ = [
     "ConvGeometry",
     "abc_block_func",
+    "packed_maxpool_func",
     "abc_conv_func",
     "abc_dot_func",
     "bitpack_func",
@@ -290,6 +291,24 @@ def bitpack_nhwc_func(batch: int, height: int, width: int, channels: int, planes
         return _finish(_tunable(func, compute.PACK), name, scheduled=False)
     with target:
         return _finish(_cpu.schedule_bitpack_nhwc(func), name)
+
+
+def packed_maxpool_func(shape: tuple[int, int, int, int, int], kernel: tuple[int, int],
+                        stride: tuple[int, int], pads: tuple[int, int, int, int],
+                        out_hw: tuple[int, int], word_bits: int,
+                        target: tvm.target.Target) -> tvm.tirx.PrimFunc:
+    """(packed uint{w}[N,B,H,W,K]) -> uint{w}[N,B,OH,OW,K]: MaxPool on bit-planes, the OR
+    of each window's words (`compute.or_pool`); parallel over planes, images and rows."""
+    _check_word_bits(word_bits, target)
+    packed = te.placeholder(shape, word_dtype(word_bits), name="packed")
+    pooled = compute.or_pool(packed, kernel, stride, pads, out_hw)
+    sch = s_tir.Schedule(te.create_prim_func([packed, pooled]))
+    n, b, y, *_ = sch.get_loops(sch.get_sblock(compute.OR_POOL))
+    sch.parallel(sch.fuse(n, b, y))
+    n_, b_, h, w, k = shape
+    name = (f"abc_maxpool_packed_n{n_}b{b_}h{h}w{w}k{k}u{word_bits}_p{kernel[0]}x{kernel[1]}"
+            f"s{stride[0]}x{stride[1]}p{'_'.join(map(str, pads))}")
+    return _finish(sch.mod["main"], name)
 
 
 def popcount_peak_func(target: tvm.target.Target, words: int = 2048,

@@ -19,6 +19,7 @@ from abc_tvm.floats import least_true_array
 
 # Block names, shared with the schedules (and with the MetaSchedule rule registered later).
 PACK = "abc_bitpack"
+OR_POOL = "abc_or_pool"  # MaxPool on bit-planes
 PAD = "abc_pad"
 ACT_POPCOUNT = "abc_act_popcount"
 VALID_WSUM = "abc_valid_wsum"
@@ -329,6 +330,8 @@ class BlockSpec:
     prelu: bool = False
     post_bias: bool = False
     hardtanh: tuple[float, float] | None = None  # Clip(lo, hi) as the activation (IR-Net)
+    # The next layer's thresholds per channel ([N', O], ReActNet's RSign) rather than [N'].
+    next_per_channel: bool = False
 
     def __post_init__(self) -> None:
         if self.geo.out_channels % self.vec:
@@ -337,6 +340,8 @@ class BlockSpec:
             raise ValueError("a block kernel applies one of ReLU, PReLU and Clip")
         if not self.float_out and self.next_planes < 1:
             raise ValueError("a block kernel must write z, packed planes, or both")
+        if self.next_per_channel and not self.next_planes:
+            raise ValueError("per-channel next thresholds need next planes")
         if self.next_planes and not packs_whole_words(self.geo.out_channels,
                                                       self.geo.word_bits):
             raise ValueError(f"{self.geo.out_channels} channels end in a partial word past "
@@ -354,7 +359,7 @@ class BlockSpec:
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
-        for key in ("pre_bias", "prelu", "post_bias", "hardtanh"):
+        for key in ("pre_bias", "prelu", "post_bias", "hardtanh", "next_per_channel"):
             if not d[key]:
                 del d[key]
         return json.dumps(d, sort_keys=True)
@@ -380,7 +385,7 @@ class BlockSpec:
         return (f"abc_block_b{g.batch}c{g.channels}h{g.height}w{g.width}o{g.out_channels}"
                 f"_k{g.kernel[0]}x{g.kernel[1]}s{g.stride[0]}x{g.stride[1]}p{pads}"
                 f"_m{g.bases}n{g.planes}_{'bi' if self.bipolar else 'uni'}u{g.word_bits}"
-                f"v{self.vec}_{glue}p{self.next_planes}")
+                f"v{self.vec}_{glue}p{self.next_planes}{'c' if self.next_per_channel else ''}")
 
 
 def exact_thresholds(shift: np.ndarray) -> np.ndarray:
@@ -478,7 +483,8 @@ def pack_nhwc(src: te.Tensor, thr: te.Tensor, word_bits: int, name: str = PACK_O
 
 def pack_words(zw: te.Tensor, v: te.Tensor, channels: int, word_bits: int) -> te.Tensor:
     """Bit-planes [N', B, H, W, ceil(C/w)] of z held by words zw[B, H, W, words, bits]:
-    bit j is z >= v[n], v the `exact_thresholds` of the next layer's shifts.
+    bit j is z >= v[n] (or v[n, c] for per-channel thresholds [N', C]), v the next layer's
+    exact thresholds.
 
     zw's last axis is one word's channels (all C when C is not a multiple of w), so every
     word reads a whole row of zw; channels past C (a partial last word) are 0 bits.
@@ -492,18 +498,44 @@ def pack_words(zw: te.Tensor, v: te.Tensor, channels: int, word_bits: int) -> te
 
     def _pack(n, b, h, w, k):
         if bits == per:
-            src, bit_j = zw[b, h, w, k, j], j
+            src, c = zw[b, h, w, k, j], k * bits + j
         else:  # one zw row holds every channel: word k is its slice [k*w, k*w + w)
-            c = k * word_bits + j
-            src = zw[b, h, w, 0, tvm.tirx.min(c, channels - 1)]
-            bit_j = j
-        on = src >= v[n]
+            c = tvm.tirx.min(k * word_bits + j, channels - 1)
+            src = zw[b, h, w, 0, c]
+        bit_j = j
+        on = src >= _threshold_at(v, n, c)
         if bits != per:
             on = tvm.tirx.all(k * word_bits + j < channels, on)
         bit = tvm.tirx.shift_left(tvm.tirx.const(1, dtype), bit_j.astype(dtype))
         return te.sum(tvm.tirx.Select(on, bit, tvm.tirx.const(0, dtype)), axis=j)
 
     return te.compute((planes, batch, height, width, out_words), _pack, name=PACK_OUT)
+
+
+def or_pool(packed: te.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+            pads: tuple[int, int, int, int], out_hw: tuple[int, int]) -> te.Tensor:
+    """MaxPool on bit-planes [N, B, H, W, K]: the OR of the window's words.
+
+    A plane's bit is a non-decreasing function of its value (x >= t), so the bit of the max
+    is the OR of the bits; windows reach into the padding, which MaxPool ignores (OR with 0).
+    """
+    planes, batch, height, width, words = (int(d) for d in packed.shape)
+    kh, kw = kernel
+    top, left = pads[0], pads[1]
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    dtype = packed.dtype
+    bit_or = te.comm_reducer(lambda a, b: a | b, lambda t: tvm.tirx.const(0, t), name="bit_or")
+
+    def _pool(n, b, y, x, k):
+        h = y * stride[0] + ry - top
+        w = x * stride[1] + rx - left
+        inside = tvm.tirx.all(h >= 0, h < height, w >= 0, w < width)
+        word = packed[n, b, tvm.tirx.min(tvm.tirx.max(h, 0), height - 1),
+                      tvm.tirx.min(tvm.tirx.max(w, 0), width - 1), k]
+        return bit_or(tvm.tirx.Select(inside, word, tvm.tirx.const(0, dtype)), axis=[ry, rx])
+
+    return te.compute((planes, batch, *out_hw, words), _pool, name=OR_POOL)
 
 
 @dataclass(frozen=True)
@@ -614,7 +646,8 @@ def abc_block(spec: BlockSpec) -> BlockTensors:
         outputs.append(te.compute((geo.batch, oh, ow, o),
                                   lambda b, y, x, o_: zw[b, y, x, o_ // wb, o_ % wb],
                                   name=GLUE_OUT))
-    v = te.placeholder((spec.next_planes,), "float32", name="thr_next")
+    v = te.placeholder((spec.next_planes, o) if spec.next_per_channel else (spec.next_planes,),
+                       "float32", name="thr_next")
     inputs.append(v)
     outputs.append(pack_words(zw, v, o, geo.word_bits))
     return BlockTensors(inputs, outputs)

@@ -349,7 +349,8 @@ def apply_block(sch: s_tir.Schedule, spec: C.BlockSpec, knobs: BlockKnobs) -> No
         _, g_oi = sch.split(gl[-1], [None, divisor_at_most(int(sch.get(gl[-1]).extent), width)])
         sch.vectorize(g_oi)
     if pack is not None:
-        _schedule_pack(sch, pack, geo.out_channels, geo.word_bits, "local")
+        _schedule_pack(sch, pack, geo.out_channels, geo.word_bits, "local",
+                       spec.next_per_channel)
 
     for name, count in ((C.PAD, 3), (C.ACT_POPCOUNT, 3)):
         if has_block(sch, name):
@@ -522,7 +523,8 @@ def bitpack_rule(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> list[s_tir.Sched
 # Registered at import, so a tuning record's trace (which names them) loads and replays.
 for _bits in range(8, 65, 8):  # every word width `_movmsk_ok` packs (channels < 64 too)
     for _scope in ("local", "global"):
-        pack_intrin(_bits, _scope)
+        for _per_channel in (False, True):
+            pack_intrin(_bits, _scope, _per_channel)
 
 RULES = {C.SCHEDULE_RULE: conv_rule, C.BITPACK_RULE: bitpack_rule}
 for _name, _rule in RULES.items():

@@ -469,6 +469,7 @@ class BlockCase:
     float_out: bool
     next_planes: int
     late: str = ""  # after the residual: "rprelu" (bias, PReLU, bias) or "hardtanh" (Clip)
+    next_per_channel: bool = False  # the next layer's thresholds per channel (RSign)
 
     def spec(self):
         from abc_tvm.schedules import compute
@@ -481,12 +482,14 @@ class BlockCase:
         return compute.BlockSpec(geo, c.bipolar, vec, self.affine, self.residual, self.relu,
                                  self.float_out, self.next_planes, pre_bias=rp, prelu=rp,
                                  post_bias=rp,
-                                 hardtanh=(-1.0, 1.0) if self.late == "hardtanh" else None)
+                                 hardtanh=(-1.0, 1.0) if self.late == "hardtanh" else None,
+                                 next_per_channel=self.next_per_channel)
 
     def __str__(self) -> str:
         flags = "".join(f for f, on in (("a", self.affine), ("r", self.residual),
                                         ("l", self.relu), ("f", self.float_out)) if on)
-        return f"{self.conv}_{flags}p{self.next_planes}{self.late}"
+        pc = "c" if self.next_per_channel else ""
+        return f"{self.conv}_{flags}p{self.next_planes}{pc}{self.late}"
 
 
 BLOCK_CASES = [
@@ -516,6 +519,11 @@ BLOCK_CASES = [
     # ReActNet: BN + residual + RPReLU (bias, PReLU, bias), both outputs; 1x1
     BlockCase(Case(1, 64, 5, 5, 64, (1, 1), (1, 1), (0, 0, 0, 0), 1, 1, True), True, True,
               False, True, 1, "rprelu"),
+    # ReActNet's narrow 1x1 after a 3x3: RPReLU, then the next RSign's per-channel thresholds
+    BlockCase(Case(1, 32, 6, 5, 32, (3, 3), (1, 1), (1, 1, 1, 1), 1, 1, True), True, True,
+              False, True, 1, "rprelu", next_per_channel=True),
+    BlockCase(Case(1, 64, 4, 4, 128, (1, 1), (2, 2), (0, 0, 0, 0), 1, 2, True), True, False,
+              True, False, 2, next_per_channel=True),
     # IR-Net: BN + residual + hardtanh, float output
     BlockCase(Case(2, 16, 6, 6, 16, (3, 3), (2, 2), (1, 1, 1, 1), 1, 1, True), True, True,
               False, True, 0, "hardtanh"),
@@ -551,8 +559,8 @@ def _block_data(case: BlockCase, seed: int) -> BlockData:
     scale = rng.uniform(0.5, 1.5, o).astype(np.float32)
     shift = rng.normal(0.3, 1.0, o).astype(np.float32)
     res = rng.normal(0.0, 1.0, (c.batch, oh, ow, o)).astype(np.float32)
-    v_next = rng.uniform(-0.6, 0.6, max(case.next_planes, 1)).astype(np.float32)
-    v_next = v_next[: case.next_planes]
+    v_shape = (max(case.next_planes, 1),) + ((o,) if case.next_per_channel else ())
+    v_next = rng.uniform(-0.6, 0.6, v_shape).astype(np.float32)[: case.next_planes]
     if case.affine:
         inputs += [scale, shift]
     if case.residual:
@@ -562,7 +570,7 @@ def _block_data(case: BlockCase, seed: int) -> BlockData:
         late = {k: rng.normal(0, 0.3, o).astype(np.float32) for k in ("pre", "slope", "post")}
         inputs += [late["pre"], late["slope"], late["post"]]
     if case.next_planes:
-        inputs.append(compute.exact_thresholds(v_next))
+        inputs.append(compute.exact_thresholds(v_next).reshape(v_next.shape))
     outputs = []
     if case.float_out:
         outputs.append(np.zeros((c.batch, oh, ow, o), np.float32))
@@ -618,12 +626,13 @@ def test_block_kernel_matches_reference(case: BlockCase):
         np.testing.assert_allclose(got[0], expected, rtol=1e-5, atol=tol)
     if case.next_planes:
         z = got[0] if case.float_out else expected.astype(np.float32)
-        packed = ref.pack_activations(z.transpose(0, 3, 1, 2), data.v_next, 64)
+        v = data.v_next if case.next_per_channel else data.v_next[:, None]  # [N', O or 1]
+        packed = ref.pack_bits(z[None] + v[:, None, None, None, :] >= np.float32(0.5), 64)
         if case.float_out:
             np.testing.assert_array_equal(got[-1], packed)
         else:
             # bits of values within rounding of the threshold may differ
-            near = np.abs(expected[None] + data.v_next[:, None, None, None, None] - 0.5) < tol
+            near = np.abs(expected[None] + v[:, None, None, None, :] - 0.5) < tol
             differ = ref.pack_bits(near, 64)
             assert np.mean(near) < 0.01
             np.testing.assert_array_equal(got[-1] & ~differ, packed & ~differ)
@@ -794,3 +803,28 @@ def test_bitpack_per_channel_thresholds_bit_exact(nhwc: bool, channels: int):
         src = x
     got = _run(tvm.compile(func, target=HOST).mod, src, thr, out=np.zeros_like(expected))
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("pool", [((2, 2), (2, 2), (0, 0, 0, 0)), ((3, 3), (2, 2), (1, 1, 1, 1)),
+                                  ((3, 2), (1, 2), (0, 1, 2, 0))], ids=str)
+def test_packed_maxpool_is_the_or_of_the_window(pool):
+    """MaxPool on bit-planes: bit for bit the planes of the float MaxPool (ONNX semantics:
+    padding ignored), for monotone threshold bits."""
+    kernel, stride, pads = pool
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 1, (2, 70, 7, 9)).astype(np.float32)
+    v = np.array([0.5, 0.1, 0.9], np.float32)  # three planes: bit = x + v >= 0.5
+    packed = ref.pack_activations(x, v, 64)
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])),
+                constant_values=-np.inf)
+    oh = (xp.shape[2] - kernel[0]) // stride[0] + 1
+    ow = (xp.shape[3] - kernel[1]) // stride[1] + 1
+    pooled = np.full((2, 70, oh, ow), -np.inf, np.float32)
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            pooled = np.maximum(pooled, xp[:, :, i:i + stride[0] * oh:stride[0],
+                                           j:j + stride[1] * ow:stride[1]])
+    want = ref.pack_activations(pooled, v, 64)
+    func = schedules.packed_maxpool_func(packed.shape, kernel, stride, pads, (oh, ow), 64, HOST)
+    got = _run_multi(tvm.compile(func, target=HOST).mod, [packed], [np.zeros_like(want)])[0]
+    np.testing.assert_array_equal(got, want)

@@ -137,6 +137,10 @@ def test_bnn_pynq_compiles_bit_serial_and_matches_brevitas(config, tmp_path, max
     floats = [f for f in report.float_ops if f["op"] in ("Conv", "Gemm", "MatMul")]
     if config.startswith("cnv"):  # the 8-bit input layer, with the reason
         assert len(floats) == 1 and "-128..127" in floats[0]["reason"]
+        pooled = [a for a in report.abc_layers if "MaxPool runs on packed bits" in
+                  a["kernel_impl"]]
+        assert len(pooled) == 2  # both MaxPools: an OR of the producer's planes
+        assert not any(f["op"] == "MaxPool" for f in report.float_ops)
     else:
         assert floats == []
     assert max_rel_err(got, ref) <= 1e-5  # integer sums: only the float glue rounds
