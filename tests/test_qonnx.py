@@ -276,7 +276,7 @@ needs_qemu = pytest.mark.skipif(
 
 
 @needs_qemu
-@pytest.mark.parametrize("config", ["cnv_1w1a", "tfc_2w2a", "sfc_1w2a"])
+@pytest.mark.parametrize("config", finn_models.CONFIGS)
 def test_bnn_pynq_on_aarch64_under_qemu(config, tmp_path, max_rel_err):
     model = finn_models.build(config, seed=12)
     x = torch.rand(1, *finn_models.input_shape(config), generator=torch.Generator().manual_seed(1))
