@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -91,12 +92,24 @@ def _compile(args: argparse.Namespace) -> None:
     if args.bundle is not None and args.target == "x86":
         raise UserError("--bundle makes a deploy directory for a board: use it with an arm "
                         "target (e.g. --target arm)")
-    compile_model(args.model, args.target, args.output, report_path=args.report,
-                  tuning_log=False if args.no_tuning_log else args.tuning_log)
-    if args.bundle is not None:
-        from abc_tvm.deploy import make_bundle
+    if args.output is None and args.bundle is None:
+        raise UserError("say where the model goes: -o MODEL.so, or --bundle DIR")
+    tuning = False if args.no_tuning_log else args.tuning_log
+    if args.output is not None:
+        compile_model(args.model, args.target, args.output, report_path=args.report,
+                      tuning_log=tuning)
+        if args.bundle is not None:
+            from abc_tvm.deploy import make_bundle
 
-        make_bundle(args.output, args.bundle)
+            make_bundle(args.output, args.bundle)
+        return
+    from abc_tvm.deploy import make_bundle
+
+    with tempfile.TemporaryDirectory() as tmp:  # the bundle keeps its own copy
+        so = Path(tmp) / (Path(args.model).stem + ".so")
+        compile_model(args.model, args.target, so, report_path=args.report, tuning_log=tuning)
+        make_bundle(so, args.bundle)
+    print(f"wrote {args.bundle}/{so.name} (in the bundle only)")
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -150,11 +163,38 @@ _TARGET_HELP = ("x86 (this CPU) | arm (any aarch64 with NEON) | rpi4 | rpi5 | je
                 "jetson-orin | armv7 (32-bit NEON, compile only) | cuda (default: x86)")
 
 
+def version_text() -> str:
+    """abc-tvm's version, the TVM it compiles with, and what this CPU popcounts with."""
+    from importlib import metadata
+
+    from abc_tvm.hostcpu import host_cpu
+
+    def of(pkg: str) -> str:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    cpu = host_cpu()
+    return (f"abc-tvm {of('abc-tvm')}\n"
+            f"apache-tvm {of('apache-tvm')} (apache-tvm-ffi {of('apache-tvm-ffi')}), "
+            f"Python {sys.version.split()[0]}\n"
+            f"this CPU: {cpu.model}; popcount: {cpu.popcount}")
+
+
+class _Version(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="abc-tvm",
         description="Compile ABC-Net binary neural networks to AND/popcount kernels with TVM.",
     )
+    p.add_argument("--version", action=_Version, nargs=0,
+                   help="print abc-tvm's and TVM's versions and this CPU's popcount, and exit")
     sub = p.add_subparsers(dest="command", required=True)
 
     z = sub.add_parser("zoo", help="write a bundled ABC model as ONNX")
@@ -176,10 +216,13 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile an ONNX ABC model to a shared library")
     c.add_argument("model", type=Path)
     c.add_argument("--target", default="x86", help=_TARGET_HELP)
-    c.add_argument("-o", "--output", required=True, type=Path)
+    c.add_argument("-o", "--output", type=Path, default=None,
+                   help="the .so to write (its manifest goes beside it); with --bundle it may "
+                        "be left out: the model is written into the bundle only")
     c.add_argument("--report", type=Path, default=None, help="write the JSON report here")
     c.add_argument("--bundle", type=Path, default=None,
-                   help="also write a self-contained deploy directory (runner + runtime libs)")
+                   help="write a self-contained deploy directory (runner + runtime libs) "
+                        "holding the model")
     c.add_argument("--tuning-log", type=Path, default=None,
                    help="MetaSchedule database dir (default: matching shipped tuning_logs/)")
     c.add_argument("--no-tuning-log", action="store_true",

@@ -24,7 +24,6 @@ from abc_tvm import targets
 from abc_tvm.errors import UserError
 from abc_tvm.relay_passes.abc_rewrite import rewrite
 
-SHIPPED_LOGS = Path(__file__).resolve().parent.parent / "tuning_logs"
 RECORDS = "database_tuning_record.json"
 WORKLOADS = "database_workload.json"
 TASKS = "tasks.json"  # names of the kernels tuned into a database, to skip it cheaply
@@ -42,6 +41,18 @@ def open_database(log_dir: str | os.PathLike) -> ms.database.JSONDatabase:
                                     path_tuning_record=str(log_dir / RECORDS))
 
 
+def shipped_logs() -> Path | None:
+    """The shipped databases' folder, found through the package (`abc_tvm.tuning_logs`, the
+    top-level `tuning_logs/` of the checkout), so a wheel install finds them too."""
+    from importlib import resources
+
+    try:
+        root = Path(str(resources.files("abc_tvm.tuning_logs")))
+    except (ModuleNotFoundError, TypeError):
+        return None
+    return root if root.is_dir() else None
+
+
 def find_databases(tuning_log: str | os.PathLike | None | bool,
                    kernels: set[str] | None = None) -> list[Path]:
     """The database directories to apply: the one asked for, else the shipped ones that
@@ -55,9 +66,10 @@ def find_databases(tuning_log: str | os.PathLike | None | bool,
             raise UserError(f"--tuning-log {path} holds no MetaSchedule database ({RECORDS}); "
                             "run `abc-tvm tune ... --log DIR` first")
         return [path]
-    if not SHIPPED_LOGS.is_dir():
+    shipped = shipped_logs()
+    if shipped is None:
         return []
-    dirs = sorted(p.parent for p in SHIPPED_LOGS.glob(f"*/{RECORDS}"))
+    dirs = sorted(p.parent for p in shipped.glob(f"*/{RECORDS}"))
     if kernels is None:
         return dirs
     # Parsing a database takes seconds: open only those that can match this model.

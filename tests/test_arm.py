@@ -550,3 +550,18 @@ def test_make_bundle_refuses_other_targets(tmp_path):
     with pytest.raises(UserError, match="armv7"):
         deploy.make_bundle(so, tmp_path / "busy")
     assert (tmp_path / "busy" / "mine.txt").read_text() == "keep"
+
+
+@needs_qemu
+def test_compile_bundle_without_output_writes_the_model_into_the_bundle(tmp_path):
+    model, x, want = abc_block_model(20, 8, 5, 5, 1, 1, "bipolar", 1, 1, seed=4)
+    src = tmp_path / "blk.onnx"
+    onnx.save(model, src)
+    bundle = tmp_path / "bundle"
+    proc = cli("compile", str(src), "--target", "arm", "--bundle", str(bundle))
+    assert proc.returncode == 0, proc.stderr
+    assert (bundle / "blk.so").is_file() and (bundle / "blk.so.json").is_file()
+    assert not list(tmp_path.glob("*.so"))  # nothing beside the model: the bundle holds it
+    np.testing.assert_array_equal(deploy.run_bundle(bundle, x), want)
+    one_error_line(cli("compile", str(src), "--target", "arm"), "abc-tvm compile: error:",
+                   "-o", "--bundle")

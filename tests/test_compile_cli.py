@@ -168,3 +168,28 @@ def test_compile_rejects_unknown_target_and_missing_toolchains(tmp_path, small_m
     bare = {**os.environ, "PATH": str(tmp_path)}  # neither aarch64 g++ nor nvcc on PATH
     _bad_compile(tmp_path, small_model, "aarch64-linux-gnu-g++", target="arm", env=bare)
     _bad_compile(tmp_path, small_model, "nvcc", target="cuda", env=bare)
+
+
+def test_version_names_package_tvm_and_this_cpus_popcount():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "abc_tvm.cli", "--version"], capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    assert out[0].startswith("abc-tvm 0.")
+    assert out[1].startswith("apache-tvm 0.27") and "apache-tvm-ffi 0.1.14" in out[1]
+    assert out[2].startswith("this CPU: ") and "popcount: " in out[2]
+
+
+def test_host_cpu_reads_popcount_support(tmp_path):
+    from abc_tvm.hostcpu import host_cpu
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("model name\t: Some CPU\nflags\t\t: fpu sse2 avx2 popcnt\n")
+    cpu = host_cpu(info)
+    assert cpu.model in ("Some CPU", __import__("platform").processor())
+    assert cpu.flags == frozenset({"fpu", "sse2", "avx2", "popcnt"})
+    if cpu.machine == "x86_64":
+        assert cpu.popcount.startswith("AVX2 without VPOPCNTDQ")
+        info.write_text("flags\t: avx2 avx512f avx512_vpopcntdq\n")
+        assert host_cpu(info).popcount == "fast: AVX-512 VPOPCNTDQ"

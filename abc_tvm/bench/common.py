@@ -213,18 +213,13 @@ def max_rel_err(y: Any, ref: Any) -> float:
 
 
 def machine_info() -> dict:
-    """CPU model, LLVM's name for it, popcount support, core count, library versions."""
+    """CPU model, popcount support, core count, library versions."""
     from importlib import metadata
 
-    model, flags = platform.processor() or "unknown", set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model in ("unknown", "", platform.machine()):
-                model = value.strip()
-            if key.strip() == "flags":
-                flags = set(value.split())
-                break
+    from abc_tvm.hostcpu import host_cpu
+
+    cpu = host_cpu()
+    model, flags = cpu.model, cpu.flags
 
     def version(pkg: str) -> str:
         try:
