@@ -48,7 +48,8 @@ tuning-logs: setup
 	for mn in 1x1 3x3 5x5; do m=$${mn%x*}; n=$${mn#*x}; name=abc_resnet18_m$${m}n$${n}; \
 	  $(BIN)/abc-tvm zoo abc_resnet18 -M $$m -N $$n -o $(OUT)/$$name.onnx && \
 	  $(BIN)/abc-tvm tune $(OUT)/$$name.onnx --target x86 --trials $(TRIALS) --kernels abc \
-	    --log tuning_logs/$${name}_x86 || exit 1; done
+	    --log tuning_logs/$${name}_$$($(BIN)/python -c 'from abc_tvm import targets as t; \
+	      print(t.x86_level(t.cpu_features(t.host_target())))') || exit 1; done
 
 lint: setup
 	$(BIN)/ruff check .

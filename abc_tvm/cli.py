@@ -89,7 +89,7 @@ def _finn_zoo(args: argparse.Namespace, config: str) -> None:
 def _compile(args: argparse.Namespace) -> None:
     from abc_tvm.compiler import compile_model
 
-    if args.bundle is not None and args.target == "x86":
+    if args.bundle is not None and args.target.startswith("x86"):
         raise UserError("--bundle makes a deploy directory for a board: use it with an arm "
                         "target (e.g. --target arm)")
     if args.output is None and args.bundle is None:
@@ -159,7 +159,9 @@ def _run(args: argparse.Namespace) -> None:
               f"mean {y.mean():.6g}; argmax per batch item {flat.argmax(1).tolist()}")
 
 
-_TARGET_HELP = ("x86 (this CPU) | arm (any aarch64 with NEON) | rpi4 | rpi5 | jetson-nano | "
+_TARGET_HELP = ("x86 (this CPU) | x86-64-v2 | x86-64-v3 (AVX2) | x86-64-v4 (AVX-512) | "
+                "x86:MCPU (an LLVM CPU name: x86:znver3, x86:icelake-server, ...) | "
+                "arm (any aarch64 with NEON) | rpi4 | rpi5 | jetson-nano | "
                 "jetson-orin | armv7 (32-bit NEON, compile only) | cuda (default: x86)")
 
 

@@ -194,7 +194,8 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
 
         kernels = {gv.name_hint for gv, f in scheduled.functions.items()
                    if isinstance(f, tvm.tirx.PrimFunc)}
-        dirs = find_databases(tuning_log, kernels)
+        level = targets.x86_level(set(targets.cpu_features(spec.target)))
+        dirs = find_databases(tuning_log, kernels, level)
         database = load_databases(dirs)
     elif tuning_log not in (None, False):
         raise UserError("--tuning-log applies to CPU targets (x86, arm) only for now")
@@ -234,7 +235,10 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
             "format": "abc-tvm/1",
             "inputs": [t.as_dict() for t in frontend.inputs(proto)],
             "outputs": [t.as_dict() for t in frontend.outputs(proto)],
-            "target": {"name": spec.name, "tvm": str(spec.target), "word_bits": spec.word_bits},
+            "target": {"name": spec.name, "tvm": str(spec.target), "word_bits": spec.word_bits,
+                       # what the .so's instructions need: runtimes refuse a CPU without them
+                       "cpu_features": targets.cpu_features(spec.target)
+                       if spec.kind == "llvm" else []},
             "tvm_version": tvm.__version__,
             "sha256": sha256(tmp),
             "abc_layers": report.abc_layers,

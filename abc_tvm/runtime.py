@@ -122,13 +122,14 @@ class CompiledModel:
         machine = platform.machine().lower()
         machine = _MACHINE_ALIASES.get(machine, machine)
         tvm_target = str(self.manifest["target"].get("tvm", ""))
-        wanted = "x86_64" if self.target == "x86" else targets.arch_of(self.target, tvm_target)
+        wanted = targets.arch_of(self.target, tvm_target)
         if wanted != machine:
             hint = ("run it on the board (see `abc-tvm compile --bundle`), or compile with "
                     "--target x86 to run it here" if machine == "x86_64"
                     else "compile it for this machine's target (e.g. --target arm)")
             raise UserError(f"{path} was compiled for {wanted} (--target {self.target}) and "
                             f"cannot run on this {machine} host: {hint}")
+        check_cpu_features(self.manifest, path)
         return tvm.cpu(0)
 
     def _new_vm(self) -> VirtualMachine:
@@ -190,6 +191,26 @@ class CompiledModel:
     def __repr__(self) -> str:
         return (f"CompiledModel({self.name!r}, target={self.target}, inputs="
                 f"{[i.as_dict() for i in self.inputs]}, workers={self.workers})")
+
+
+def check_cpu_features(manifest: dict, path: str | os.PathLike) -> None:
+    """Refuse, in one line, a .so whose instructions this CPU does not have (it would die
+    with SIGILL and no message), naming the missing features and the target to rebuild for.
+    Manifests from before abc-tvm recorded features are not checked."""
+    from abc_tvm.hostcpu import host_cpu
+
+    needed = (manifest.get("target") or {}).get("cpu_features") or []
+    cpu = host_cpu()
+    missing = sorted(set(needed) - cpu.flags)
+    if not missing:
+        return
+    name = manifest["target"].get("name", "?")
+    level = targets.x86_level(cpu.flags) if cpu.machine == "x86_64" else None
+    rebuild = (f"--target {level} (or --target x86 on this machine)" if level
+               else "--target x86 (or arm) on this machine")
+    raise UserError(f"{Path(path).name} was compiled for --target {name} and needs CPU "
+                    f"features this CPU ({cpu.model}) lacks: {', '.join(missing)}; "
+                    f"recompile with {rebuild}")
 
 
 def read_manifest(path: str | os.PathLike) -> dict:

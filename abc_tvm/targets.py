@@ -8,6 +8,7 @@ pipeline. Every ARM preset needs a cross compiler to link the .so (it cannot run
 
 from __future__ import annotations
 
+import difflib
 import os
 import platform
 import shutil
@@ -76,7 +77,36 @@ ARM_PRESETS: dict[str, ArmPreset] = {
     "jetson-orin": ArmPreset("aarch64", "cortex-a78ae", "Jetson Orin CPU (Cortex-A78AE)", 8),
     "armv7": ArmPreset("armv7", None, "32-bit ARMv7-A with NEON (e.g. a 32-bit Raspberry Pi OS)"),
 }
-NAMES = ("x86", *ARM_PRESETS, "cuda")
+X86_LEVELS = {
+    "x86-64-v2": "SSE4.2 + POPCNT (any x86-64 CPU since about 2009)",
+    "x86-64-v3": "AVX2 + FMA + BMI2 (Haswell, Zen 1 and later: current client and edge CPUs)",
+    "x86-64-v4": "AVX-512 F/BW/CD/DQ/VL (Skylake-SP, Ice Lake, Zen 4 and later)",
+}
+NAMES = ("x86", *X86_LEVELS, "x86:MCPU", *ARM_PRESETS, "cuda")
+
+# LLVM's name of an instruction-set feature -> Linux's (/proc/cpuinfo flags on x86, the
+# Features line and AT_HWCAP on aarch64): what a .so compiled with it needs from its CPU.
+# Tuning hints (fast-*, slow-*, fuse-*) and privileged features are not instructions a
+# kernel of ours executes, and are left out.
+_LINUX_NAMES = {
+    "x86_64": {
+        "sse3": "pni", "ssse3": "ssse3", "sse4.1": "sse4_1", "sse4.2": "sse4_2",
+        "popcnt": "popcnt", "cx16": "cx16", "sahf": "lahf_lm", "avx": "avx", "avx2": "avx2",
+        "fma": "fma", "bmi": "bmi1", "bmi2": "bmi2", "f16c": "f16c", "lzcnt": "abm",
+        "movbe": "movbe", "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512cd": "avx512cd",
+        "avx512dq": "avx512dq", "avx512vl": "avx512vl", "avx512vpopcntdq": "avx512_vpopcntdq",
+        "avx512bitalg": "avx512_bitalg", "avx512vnni": "avx512_vnni",
+        "avx512vbmi": "avx512vbmi", "avx512vbmi2": "avx512_vbmi2", "avx512ifma": "avx512ifma",
+        "avx512bf16": "avx512_bf16", "avx512fp16": "avx512_fp16", "avxvnni": "avx_vnni",
+        "gfni": "gfni", "vaes": "vaes", "vpclmulqdq": "vpclmulqdq", "pclmul": "pclmulqdq",
+        "aes": "aes", "sha": "sha_ni", "adx": "adx",
+    },
+    "aarch64": {
+        "fp-armv8": "fp", "neon": "asimd", "aes": "aes", "sha2": "sha2", "crc": "crc32",
+        "lse": "atomics", "fullfp16": "asimdhp", "rdm": "asimdrdm", "rcpc": "lrcpc",
+        "dotprod": "asimddp", "sve": "sve",
+    },
+}
 
 
 def host_target() -> tvm.target.Target:
@@ -87,7 +117,8 @@ def host_target() -> tvm.target.Target:
 
 
 def arch_of(name: str, tvm_target: str | None = None) -> str:
-    """The CPU a target name's .so runs on: "aarch64", "armv7", "cuda" or this host's.
+    """The CPU a target name's .so runs on: "aarch64", "armv7", "cuda", "x86_64" or this
+    host's.
 
     `tvm_target` (the manifest's target string) settles names this version does not know.
     """
@@ -95,6 +126,8 @@ def arch_of(name: str, tvm_target: str | None = None) -> str:
         return ARM_PRESETS[name].arch
     if name == "cuda":
         return "cuda"
+    if name == "x86" or name in X86_LEVELS or name.startswith("x86:"):
+        return "x86_64"
     text = tvm_target or ""
     if "aarch64" in text:
         return "aarch64"
@@ -120,10 +153,63 @@ def _resolve_arm(name: str) -> TargetSpec:
                       runs_on_host=not is_cross(name), arch=preset.arch)
 
 
+def cpu_features(target: tvm.target.Target) -> list[str]:
+    """The CPU features (Linux's names) a .so built for an LLVM CPU target needs."""
+    from tvm.target import codegen
+
+    triple = str(target.attrs.get("mtriple", ""))
+    arch = "aarch64" if triple.startswith("aarch64") else "x86_64" \
+        if triple.startswith(("x86_64", "i686")) or not triple else None
+    if arch is None:
+        return []
+    names = _LINUX_NAMES[arch]
+    return sorted({names[str(f)] for f in codegen.llvm_get_cpu_features(target)
+                   if str(f) in names})
+
+
+def x86_target(mcpu: str) -> tvm.target.Target:
+    """An x86 LLVM target for a CPU or psABI level other than (or equal to) this host's."""
+    triple = str(tvm.target.Target.from_device("cpu").attrs.get("mtriple", "x86_64-linux-gnu"))
+    if not triple.startswith("x86_64"):
+        triple = "x86_64-linux-gnu"
+    return tvm.target.Target({"kind": "llvm", "mtriple": triple, "mcpu": mcpu,
+                              "num-cores": len(os.sched_getaffinity(0))})
+
+
+def x86_level(flags: frozenset[str] | set[str]) -> str | None:
+    """The highest x86-64 psABI level whose features a CPU with these flags has."""
+    for level in reversed(X86_LEVELS):
+        if set(cpu_features(x86_target(level))) <= set(flags):
+            return level
+    return None
+
+
+def _resolve_x86(name: str) -> TargetSpec:
+    """x86-64-v2/v3/v4, or x86:MCPU with MCPU one of LLVM's x86 CPU names."""
+    from tvm.target import codegen
+
+    from abc_tvm.hostcpu import host_cpu
+
+    mcpu = name.removeprefix("x86:")
+    if name.startswith("x86:"):
+        triple = "x86_64-linux-gnu"
+        if not mcpu or not codegen.llvm_is_valid_cpu(mcpu, triple):
+            known = [str(c) for c in codegen.llvm_get_cpu_archlist(x86_target("x86-64"))]
+            close = difflib.get_close_matches(mcpu, known, n=4, cutoff=0.5)
+            hint = f"did you mean {', '.join(close)}?" if close else \
+                "LLVM's x86 CPU names are e.g. znver3, icelake-server, alderlake, skylake"
+            raise UserError(f"--target {name}: {mcpu!r} is not an x86 CPU LLVM knows: {hint}")
+    target = x86_target(mcpu)
+    runs = set(cpu_features(target)) <= host_cpu().flags and platform.machine() == "x86_64"
+    return TargetSpec(name, target, 64, runs_on_host=runs, arch="x86_64")
+
+
 def resolve(name: str, cuda_arch: str = "sm_80") -> TargetSpec:
     """Turn a user-facing target name into a TargetSpec, checking the toolchain it needs."""
     if name == "x86":
         return TargetSpec("x86", host_target(), 64, arch=platform.machine())
+    if name in X86_LEVELS or name.startswith("x86:"):
+        return _resolve_x86(name)
     if name in ARM_PRESETS:
         return _resolve_arm(name)
     if name == "cuda":

@@ -54,10 +54,12 @@ def shipped_logs() -> Path | None:
 
 
 def find_databases(tuning_log: str | os.PathLike | None | bool,
-                   kernels: set[str] | None = None) -> list[Path]:
-    """The database directories to apply: the one asked for, else the shipped ones that
-    tuned one of `kernels` (by its `tasks.json`; all of them when `kernels` is None).
-    `False`: none, the hand-written default schedules only."""
+                   kernels: set[str] | None = None, level: str | None = "any") -> list[Path]:
+    """The database directories to apply: the one asked for, else the shipped ones of this
+    ISA level (a shipped folder ends in `_<level>`, e.g. `_x86-64-v4`: an AVX2 build never
+    takes AVX-512 records; `level=None`, a target of no x86 level, takes none; "any" takes
+    all) that tuned one of `kernels` (by its `tasks.json`; all of them when `kernels` is
+    None). `False`: none, the hand-written default schedules only."""
     if tuning_log is False:
         return []
     if tuning_log is not None:
@@ -69,7 +71,8 @@ def find_databases(tuning_log: str | os.PathLike | None | bool,
     shipped = shipped_logs()
     if shipped is None:
         return []
-    dirs = sorted(p.parent for p in shipped.glob(f"*/{RECORDS}"))
+    dirs = sorted(p.parent for p in shipped.glob(f"*/{RECORDS}")
+                  if level == "any" or (level is not None and p.parent.name.endswith(f"_{level}")))
     if kernels is None:
         return dirs
     # Parsing a database takes seconds: open only those that can match this model.

@@ -46,7 +46,10 @@ def bench_from_args(args: argparse.Namespace) -> dict:
     abc_models, names = research.split_models(args.models)
     out: dict = {}
     if names:  # research BNN exports: their own peers (ORT, PyTorch eager on the same ONNX)
-        found = research.run(names, args.repeat or 15, args.image_size, args.work_dir)
+        from abc_tvm.bench.common import check_local_target
+
+        target = check_local_target(getattr(args, "target", None))
+        found = research.run(names, args.repeat or 15, args.image_size, args.work_dir, target)
         print(research.table(found))
         if not args.no_doc:
             for sec in research.sections(found):

@@ -69,6 +69,7 @@ class Config:
     command: str
     arch: str = "abc_resnet18"
     min_sample_s: float = 0.2  # one timing sample lasts at least this long
+    target: str = "x86"  # what every TVM build of the run is compiled for (runs here)
     layer_repeat_ms: int = 50
 
     def mn(self, m: int, n: int) -> str:
@@ -130,6 +131,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if size < 32:
         raise UserError(f"--image-size must be at least 32 (got {size})")
     repeat = args.repeat or (3 if quick else 10)
+    target = check_local_target(getattr(args, "target", None))
     if args.tuning_log is not None and not args.tuning_log.is_dir():
         raise UserError(f"--tuning-log {args.tuning_log} is not a directory")
     return Config(
@@ -141,7 +143,28 @@ def config_from_args(args: argparse.Namespace) -> Config:
         progress=not args.no_progress, command=_command_line(),
         arch="abc_resnet20" if quick else "abc_resnet18",
         min_sample_s=0.02 if quick else 0.2, layer_repeat_ms=10 if quick else 50,
+        target=target,
     )
+
+
+def check_local_target(name: str | None) -> str:
+    """A bench target timed on this machine: x86, or an x86 level or CPU this CPU runs."""
+    from abc_tvm import targets
+
+    name = name or "x86"
+    if name != "x86" and not (name in targets.X86_LEVELS or name.startswith("x86:")):
+        raise UserError(f"bench --target {name} is timed here, so it must be an x86 target "
+                        "(x86, x86-64-v2/v3/v4, x86:MCPU); a board needs --rpc-tracker")
+    if not targets.resolve(name).runs_on_host:
+        raise UserError(f"bench --target {name}: this CPU lacks features that build needs")
+    return name
+
+
+def tvm_target(name: str):
+    """The TVM target of a bench target name (TOPI, the peak kernel, standalone layers)."""
+    from abc_tvm import targets
+
+    return targets.resolve(name).target
 
 
 def load_benchmark(name: str) -> ModuleType:

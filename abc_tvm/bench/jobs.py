@@ -14,7 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from abc_tvm.bench.common import load_benchmark, max_rel_err, quiet_stdio, stats, step
+from abc_tvm.bench.common import (
+    load_benchmark,
+    max_rel_err,
+    quiet_stdio,
+    stats,
+    step,
+    tvm_target,
+)
 from abc_tvm.bench.tables import _ok
 
 
@@ -126,7 +133,7 @@ def _job_compile(job: dict) -> dict:
     kwargs = {"tuning_log": job["tuning_log"]} if job.get("tuning_log") else {}
     t0 = time.perf_counter()
     with quiet_stdio():
-        report = compile_model(job["onnx"], "x86", so, quiet=True, **kwargs)
+        report = compile_model(job["onnx"], job.get("target", "x86"), so, quiet=True, **kwargs)
     info = {"key": job["key"], "so": str(so), "compile_s": time.perf_counter() - t0,
             "abc_layers": len(report.abc_layers), "float_ops": len(report.float_ops),
             "tuning_databases": list(report.tuning),
@@ -138,11 +145,10 @@ def _job_compile(job: dict) -> dict:
 
 def _job_tune(job: dict) -> dict:
     """MetaSchedule-tune TOPI's bitserial conv for one layer (resumes a cached database)."""
-    import tvm
 
     topi = load_benchmark("topi_bitserial")
     layer = topi.Layer(**job["layer"])
-    target = tvm.target.Target.from_device("cpu")
+    target = tvm_target(job.get("target", "x86"))
     t0 = time.perf_counter()
     before = topi.records(job["dir"])
     held = topi.tune(layer, job["M"], job["N"], job["trials"], job["dir"], target,
@@ -396,7 +402,7 @@ def _measure_layers(job: dict) -> list[dict]:
     import tvm
 
     topi = load_benchmark("topi_bitserial")
-    target = tvm.target.Target.from_device("cpu")
+    target = tvm_target(job.get("target", "x86"))
     dev = tvm.cpu()
     repeat, min_ms = job["repeat"], job["layer_repeat_ms"]
     rows = []
@@ -476,7 +482,8 @@ def _job_measure(job: dict) -> dict:
     peak_mod = load_benchmark("popcount_peak")
 
     def measure_peak():
-        res = peak_mod.measure_peak(job["threads"], min_repeat_ms=100 if not job["quick"] else 20)
+        res = peak_mod.measure_peak(job["threads"], min_repeat_ms=100 if not job["quick"] else 20,
+                                    target=tvm_target(job.get("target", "x86")))
         step(f"{job['threads']}T: popcount peak")
         return res
 

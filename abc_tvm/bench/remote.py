@@ -130,6 +130,7 @@ def bench_remote_from_args(args: argparse.Namespace) -> list[RemoteTiming]:
     models = _parse_mn(args.models or "1x1,3x3,5x5")
     arch = "abc_resnet20" if args.quick else "abc_resnet18"
     size = args.image_size or (32 if args.quick else 224)
+    args.target = args.target or "arm"
     rows = bench_remote(args.target, args.rpc_tracker, args.rpc_key, models, arch, size,
                         args.repeat or 10, Path(args.work_dir) / f"rpc-{args.target}",
                         args.tuning_log)

@@ -110,7 +110,8 @@ def _topi_db_dir(cfg: Config, layer: dict, M: int, N: int) -> Path:  # noqa: N80
     topi = load_benchmark("topi_bitserial")
     lay = topi.Layer(**layer)
     light = "-light" if cfg.quick else ""
-    return cfg.work_dir / "topi_tuning" / f"{lay.key()}-m{M}n{N}-uint64{light}"
+    at = "" if cfg.target == "x86" else "-" + cfg.target.replace(":", "_")
+    return cfg.work_dir / "topi_tuning" / f"{lay.key()}-m{M}n{N}-uint64{light}{at}"
 
 
 def collect(cfg: Config) -> dict:
@@ -129,6 +130,7 @@ def collect(cfg: Config) -> dict:
             "repeat": cfg.repeat, "parts": sorted(cfg.parts), "quick": cfg.quick,
             "min_sample_s": cfg.min_sample_s, "layer_repeat_ms": cfg.layer_repeat_ms,
             "tuning_log": str(cfg.tuning_log) if cfg.tuning_log else None,
+            "target": cfg.target,
             "search": "light (population 32, 1 genetic iteration)" if cfg.quick
             else "MetaSchedule defaults (evolutionary, XGBoost cost model)",
         },
@@ -156,10 +158,11 @@ def collect(cfg: Config) -> dict:
         comp_dir = cfg.work_dir / "compiled"
         comp_dir.mkdir(exist_ok=True)
         for name, info in exported["models"].items():
-            key = f"{info['key']}-{src}"
+            key = f"{info['key']}-{src}-{cfg.target}"
             so = comp_dir / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.so"
             job = {"kind": "compile", "name": name, "onnx": info["onnx"], "so": str(so),
-                   "key": key, "tuning_log": str(cfg.tuning_log) if cfg.tuning_log else None}
+                   "key": key, "tuning_log": str(cfg.tuning_log) if cfg.tuning_log else None,
+                   "target": cfg.target}
             compiled[name] = runner.run(f"compile-{name}", job)
             if "error" in compiled[name]:
                 runner.note(f"compile {name} failed: {compiled[name]['error']}")
@@ -181,7 +184,8 @@ def collect(cfg: Config) -> dict:
                     d = _topi_db_dir(cfg, item["layer"], m, n)
                     res = runner.run(f"tune-{lay.key()}-m{m}n{n}", {
                         "kind": "tune", "layer": item["layer"], "M": m, "N": n,
-                        "trials": cfg.trials, "dir": str(d), "light": cfg.quick})
+                        "trials": cfg.trials, "dir": str(d), "light": cfg.quick,
+                        "target": cfg.target})
                     if "error" in res:
                         runner.note(f"TOPI tuning {lay.label()} M{m}N{n} failed: {res['error']}")
                         results["errors"].append(f"tune {lay.label()} M{m}N{n}: {res['error']}")
@@ -201,6 +205,7 @@ def collect(cfg: Config) -> dict:
         runs = {}
         for t in cfg.threads:
             job = {"kind": "measure", "threads": t, "arch": cfg.arch, "quick": cfg.quick,
+                   "target": cfg.target,
                    "parts": sorted(cfg.parts), "repeat": cfg.repeat,
                    "min_sample_s": cfg.min_sample_s, "layer_repeat_ms": cfg.layer_repeat_ms,
                    "twin": model_entry("float_twin"),

@@ -17,6 +17,9 @@
 
 #include <dlpack/dlpack.h>
 #include <elf.h>
+#if defined(__aarch64__)
+#include <sys/auxv.h>
+#endif
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/error.h>
 #include <tvm/ffi/extra/module.h>
@@ -32,6 +35,7 @@
 #include <new>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -253,6 +257,63 @@ bool ManifestInputShape(const std::string& manifest_path, std::vector<int64_t>* 
   return true;
 }
 
+// The "cpu_features" strings of MODEL.so.json (Linux's names: asimd, atomics, asimddp, ...).
+std::vector<std::string> ManifestCpuFeatures(const std::string& manifest_path) {
+  std::vector<std::string> out;
+  std::ifstream in(manifest_path, std::ios::binary);
+  if (!in) return out;
+  std::ostringstream s;
+  s << in.rdbuf();
+  std::string json = s.str();
+  size_t key = json.find("\"cpu_features\"");
+  size_t open = key == std::string::npos ? key : json.find('[', key);
+  size_t close = open == std::string::npos ? open : json.find(']', open);
+  if (close == std::string::npos) return out;
+  for (size_t q = json.find('"', open); q < close; q = json.find('"', q + 1)) {
+    size_t end = json.find('"', q + 1);
+    if (end == std::string::npos || end > close) break;
+    out.push_back(json.substr(q + 1, end - q - 1));
+    q = end;
+  }
+  return out;
+}
+
+// Whether this CPU has a feature, by the kernel's AT_HWCAP bits (which qemu-user emulates,
+// unlike /proc/cpuinfo); ABC_RUN_CPU_FEATURES="fp asimd ..." replaces them (for tests).
+// A name this runner has no bit for is not checked.
+bool HasCpuFeature(const std::string& name) {
+  if (const char* fake = std::getenv("ABC_RUN_CPU_FEATURES")) {
+    std::istringstream words(fake);
+    for (std::string w; words >> w;) {
+      if (w == name) return true;
+    }
+    return false;
+  }
+#if defined(__aarch64__)
+  static const std::pair<const char*, unsigned long> kBits[] = {
+      {"fp", 1UL << 0},       {"asimd", 1UL << 1},    {"aes", 1UL << 3},
+      {"sha2", 1UL << 6},     {"crc32", 1UL << 7},    {"atomics", 1UL << 8},
+      {"asimdhp", 1UL << 10}, {"asimdrdm", 1UL << 12}, {"lrcpc", 1UL << 15},
+      {"asimddp", 1UL << 20}, {"sve", 1UL << 22}};
+  unsigned long hwcap = getauxval(AT_HWCAP);
+  for (const auto& [n, bit] : kBits) {
+    if (name == n) return (hwcap & bit) != 0;
+  }
+#endif
+  return true;
+}
+
+void CheckCpuFeatures(const std::string& model) {
+  std::string missing;
+  for (const std::string& f : ManifestCpuFeatures(model + ".json")) {
+    if (!HasCpuFeature(f)) missing += (missing.empty() ? "" : ", ") + f;
+  }
+  if (!missing.empty()) {
+    Fail(kBadInput, model + " needs CPU features this CPU lacks: " + missing +
+                        "; recompile for this board with --target arm (any aarch64) or its preset");
+  }
+}
+
 // ---------------------------------------------------------------------------- run
 
 ffi::Function Require(const ffi::Module& mod, const char* name, const std::string& path) {
@@ -286,6 +347,7 @@ int Run(int argc, char** argv) {
   if (args.size() != 3) Fail(kBadInput, "usage: abc-run MODEL.so IN.npy OUT.npy [--repeat N]");
   const std::string& model = args[0];
   CheckElf(model);
+  CheckCpuFeatures(model);
   Array x = ReadNpy(args[1]);
   std::vector<int64_t> expected;
   if (ManifestInputShape(model + ".json", &expected) && expected != x.shape) {
