@@ -636,8 +636,8 @@ def rewrite(mod: tvm.IRModule, target: tvm.target.Target, word_bits: int,
     # an explicit block the kernels refuse still has to be computed: as float ops
     floats = ({vars_[b.output]: (b, vars_[b.input]) for b in blocks if b not in accepted}
               if explicit is not None else {})
-    if not accepted and not floats:
-        return mod, [], misses
+    if not accepted and not floats:  # a float model (or part): its layout all the same
+        return (_float_layout(mod, func_name) if fuse_glue else mod), [], misses
     if fuse_glue:
         shapes = {n: _shape(v) for n, v in vars_.items()
                   if isinstance(v.ty, relax.TensorType) and v.ty.shape is not None}
@@ -658,8 +658,14 @@ def rewrite(mod: tvm.IRModule, target: tvm.target.Target, word_bits: int,
     out = rw.builder_.get()
     out = relax.transform.DeadCodeElimination()(out)
     if fuse_glue:
-        out = float_layout.to_nhwc(float_layout.fold_conv_batch_norm(out, func_name), func_name)
+        out = _float_layout(out, func_name)
     return out, done, misses
+
+
+def _float_layout(mod: tvm.IRModule, func_name: str) -> tvm.IRModule:
+    """x86: BatchNorm folded into float convs, float convs (and what follows them) in NHWC,
+    the layout the float schedules tile and the binary kernels read and write."""
+    return float_layout.to_nhwc(float_layout.fold_conv_batch_norm(mod, func_name), func_name)
 
 
 def _output_matches(blk: pattern.ABCBlock, x: relax.Var, y: relax.Var) -> bool:

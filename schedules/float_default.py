@@ -146,10 +146,13 @@ def _tiled_reduction(sch: s_tir.Schedule, simd: SIMD) -> bool:
     co, cr, ci = sch.split(spatial[-1], [None, r, vec])
     xo, xi = sch.split(spatial[-2], [None, px])
     outer = spatial[:-2]
-    sch.reorder(*outer, co, xo, *reduce_, xi, cr, ci)
+    # Output-channel blocks outermost: one block's weights (KH*KW*C*tile floats; 590 KB for a
+    # 512-channel 3x3) stay in L2 over all its rows, instead of every row streaming the whole
+    # weight from memory (float ResNet-18, 512-channel 7x7 layers: 16 -> 10 ms, 1 thread).
+    sch.reorder(co, *outer, xo, *reduce_, xi, cr, ci)
     sch.annotate(reduce_[0], "pragma_auto_unroll_max_step", UNROLL)
     sch.annotate(reduce_[0], "pragma_unroll_explicit", 1)
-    sch.parallel(sch.fuse(*outer, co) if outer else co)
+    sch.parallel(sch.fuse(co, *outer) if outer else co)
     if chain:
         sch.set_scope(red, 0, "local")
         sch.reverse_compute_at(chain[0], xo)

@@ -130,3 +130,39 @@ def test_default_pass_uses_the_target_in_scope():
         scripts[name] = mod["main"].script()
     assert "T.vectorized(16)" in scripts["znver5"] and "T.vectorized(16)" not in scripts["znver3"]
     assert "T.vectorized(8)" in scripts["znver3"]
+
+
+def test_float_only_model_runs_nhwc_and_matches_ort(tmp_path, ort_run, max_rel_err):
+    """A model with no binary layer still gets the x86 float layout: BatchNorm folded into
+    the conv, convs in NHWC (what the tiled schedule is written for), and ORT's result."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from abc_tvm.blocks import front
+    from abc_tvm.compiler import compile_model
+    from abc_tvm.relay_passes.abc_rewrite import rewrite
+    from abc_tvm.runtime import load
+
+    rng = np.random.default_rng(0)
+    c = 32
+    inits = [numpy_helper.from_array(rng.normal(0, 0.2, (c, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.1, (c, c, 3, 3)).astype(np.float32), "w2")]
+    for n, v in (("s", rng.uniform(0.5, 1.5, c)), ("b", rng.normal(0, 1, c)),
+                 ("m", rng.normal(0, 1, c)), ("v", rng.uniform(0.5, 2, c))):
+        inits.append(numpy_helper.from_array(v.astype(np.float32), n))
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["a", "s", "b", "m", "v"], ["n"]),
+             helper.make_node("Relu", ["n"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("MaxPool", ["c"], ["y"], kernel_shape=[2, 2], strides=[2, 2])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     [2, 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, c, 4, 4])],
+                          inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    host = tvm.target.Target.from_device("cpu")
+    mod, done, _ = rewrite(front(model).mod, host, 64)
+    text = mod.script()
+    assert not done and 'data_layout="NHWC"' in text and "batch_norm" not in text
+    compile_model(model, "x86", tmp_path / "f.so", quiet=True)
+    x = rng.normal(0, 1, (2, 3, 16, 16)).astype(np.float32)
+    assert max_rel_err(load(tmp_path / "f.so", workers=1)(x), ort_run(model, x)) < 1e-5
