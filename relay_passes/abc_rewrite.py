@@ -637,7 +637,7 @@ def rewrite(mod: tvm.IRModule, target: tvm.target.Target, word_bits: int,
     floats = ({vars_[b.output]: (b, vars_[b.input]) for b in blocks if b not in accepted}
               if explicit is not None else {})
     if not accepted and not floats:  # a float model (or part): its layout all the same
-        return (_float_layout(mod, func_name) if fuse_glue else mod), [], misses
+        return (_float_layout(mod, func_name, target) if fuse_glue else mod), [], misses
     if fuse_glue:
         shapes = {n: _shape(v) for n, v in vars_.items()
                   if isinstance(v.ty, relax.TensorType) and v.ty.shape is not None}
@@ -658,14 +658,16 @@ def rewrite(mod: tvm.IRModule, target: tvm.target.Target, word_bits: int,
     out = rw.builder_.get()
     out = relax.transform.DeadCodeElimination()(out)
     if fuse_glue:
-        out = _float_layout(out, func_name)
+        out = _float_layout(out, func_name, target)
     return out, done, misses
 
 
-def _float_layout(mod: tvm.IRModule, func_name: str) -> tvm.IRModule:
+def _float_layout(mod: tvm.IRModule, func_name: str, target: tvm.target.Target) -> tvm.IRModule:
     """x86: BatchNorm folded into float convs, float convs (and what follows them) in NHWC,
-    the layout the float schedules tile and the binary kernels read and write."""
-    return float_layout.to_nhwc(float_layout.fold_conv_batch_norm(mod, func_name), func_name)
+    the layout the float schedules tile and the binary kernels read and write, and their
+    weights blocked for the register tile."""
+    mod = float_layout.to_nhwc(float_layout.fold_conv_batch_norm(mod, func_name), func_name)
+    return float_layout.block_float_convs(mod, target, func_name)
 
 
 def _output_matches(blk: pattern.ABCBlock, x: relax.Var, y: relax.Var) -> bool:

@@ -237,6 +237,67 @@ def simplify_permutes(mod: tvm.IRModule, func_name: str = "main") -> tvm.IRModul
     return mod
 
 
+@mutator
+class _BlockConvs(PyExprMutator):
+    """NHWC/HWIO float convs with a constant weight -> the blocked-weight conv kernel."""
+
+    def __init__(self, mod: tvm.IRModule, defs: dict, simd) -> None:
+        super().__init__(mod)
+        self.defs, self.simd = defs, simd
+
+    def _block(self, value: relax.Expr, out: relax.Var) -> relax.Expr | None:
+        from abc_tvm.schedules import float_conv
+        from abc_tvm.schedules.float_default import conv_block
+
+        if not _is_op(value, "relax.nn.conv2d"):
+            return None
+        a = value.attrs
+        if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) != (
+                "NHWC", "HWIO", "NHWC") or int(a.groups) != 1 \
+                or any(int(d) != 1 for d in a.dilation):
+            return None
+        w = _const(value.args[1], self.defs)
+        x_sinfo, y_sinfo = value.args[0].ty, out.ty
+        if w is None or w.dtype != np.float32 or str(y_sinfo.dtype) != "float32" \
+                or x_sinfo.shape is None or y_sinfo.shape is None:
+            return None
+        try:
+            x_shape = tuple(int(d) for d in x_sinfo.shape)
+            _, oh, ow, o = (int(d) for d in y_sinfo.shape)
+        except TypeError:  # a symbolic dimension
+            return None
+        block = conv_block(o, ow, self.simd)
+        if o % block:
+            return None
+        wb = float_conv.block_weight(w, block)
+        pads = tuple(int(p) for p in a.padding)
+        func = float_conv.conv_func(x_shape, wb.shape, tuple(int(s) for s in a.strides),
+                                    pads, (oh, ow))
+        gv = self.builder_.add_func(func, str(func.attrs["global_symbol"]))
+        return relax.call_tir(gv, [self.visit_expr(value.args[0]), relax.const(wb)],
+                              relax.TensorType(y_sinfo.shape, "float32"))
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        new = self._block(binding.value, binding.var)
+        if new is not None:
+            binding = relax.VarBinding(binding.var, new)
+        super().visit_var_binding_(binding)
+
+
+def block_float_convs(mod: tvm.IRModule, target: tvm.target.Target,
+                      func_name: str = "main") -> tvm.IRModule:
+    """NHWC float convs -> `schedules.float_conv` with the weight blocked for the target's
+    register tile (contiguous weight reads; see that module)."""
+    from abc_tvm.schedules._util import simd_of
+
+    func = mod[func_name]
+    defs, _ = _defs(func)
+    m = _BlockConvs(mod, defs, simd_of(target))
+    new_func = m.visit_expr(func)
+    m.builder_.update_func(mod.get_global_var(func_name), new_func)
+    return relax.transform.DeadCodeElimination()(m.builder_.get())
+
+
 def to_nhwc(mod: tvm.IRModule, func_name: str = "main") -> tvm.IRModule:
     """Float convs (and the ops that follow their layout) to NHWC; boundary permutes cleaned."""
     mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})(mod)

@@ -109,6 +109,13 @@ def _tile_shape(channels: int, pixels: int, simd: SIMD) -> tuple[int, int, int]:
     return vec, r, px
 
 
+def conv_block(out_channels: int, out_width: int, simd: SIMD) -> int:
+    """Output channels of the float conv's register tile: the weight's block
+    (`float_conv.block_weight`), so a tile reads its weights contiguously."""
+    vec, r, _ = _tile_shape(out_channels, out_width, simd)
+    return vec * r
+
+
 def _tiled_reduction(sch: s_tir.Schedule, simd: SIMD) -> bool:
     """Register-tile the one heavy reduction block of a function (conv, dense); False if the
     function does not have that shape (the caller then uses the simple schedule)."""

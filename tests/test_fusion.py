@@ -155,6 +155,8 @@ def test_tunable_rewrite_is_unscheduled_and_named_alike(resnet20):
         gv.name_hint for gv, f in scheduled.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
     for name, func in kernels.items():
         assert "tirx.is_scheduled" not in func.attrs, name
+        if name.startswith("float_conv"):  # the float stem: MetaSchedule's generic rules
+            continue
         rule = "abc_bitpack" if name.startswith("abc_bitpack") else "abc_conv2d"
         assert f'"schedule_rule": "{rule}"' in func.script(), name
 

@@ -1,0 +1,67 @@
+"""The float convolution of the CPU path: NHWC activations, weights blocked by output channel.
+
+TVM's legalized NHWC conv reads an HWIO weight: one tile of output channels reads its
+weights at a stride of O floats per reduction step (2 KB for 512 channels), so a 3x3x512
+reduction touches thousands of pages per tile and the deep layers of a ResNet ran 5x slower
+per MAC than the shallow ones. Here the weight is laid out [O / B, KH, KW, C, B] with B the
+tile's output channels (`float_default.conv_block`), so a tile reads one contiguous run.
+The compute is plain TE and unscheduled: FuseOps fuses the bias / residual / ReLU after it
+(the PrimFunc is kOutEWiseFusable), and `float_default` register-tiles the fused function.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import te
+
+OUT_EWISE_FUSABLE = 4  # relax.OpPatternKind.kOutEWiseFusable
+
+
+def block_weight(hwio: np.ndarray, block: int) -> np.ndarray:
+    """HWIO [KH, KW, C, O] -> [O / block, KH, KW, C, block] (a tile's weights contiguous)."""
+    kh, kw, c, o = hwio.shape
+    return np.ascontiguousarray(hwio.reshape(kh, kw, c, o // block, block).transpose(3, 0, 1, 2, 4))
+
+
+def conv_nhwc_blocked(x: te.Tensor, w: te.Tensor, stride: tuple[int, int],
+                      pads: tuple[int, int, int, int], out_hw: tuple[int, int]) -> te.Tensor:
+    """y[n, oy, ox, o] = Σ x_padded[n, oy*sh + ry, ox*sw + rx, c] · w[o / B, ry, rx, c, o % B]."""
+    batch, height, width, channels = (int(d) for d in x.shape)
+    blocks, kh, kw, _, blk = (int(d) for d in w.shape)
+    top, left, bottom, right = pads
+    if any(pads):
+        def _pad(n, h, ww, c):
+            inside = tvm.tirx.all(h >= top, h < height + top, ww >= left, ww < width + left)
+            return tvm.tirx.if_then_else(inside, x[n, h - top, ww - left, c],
+                                         tvm.tirx.const(0.0, x.dtype))
+        shape = (batch, height + top + bottom, width + left + right, channels)
+        src = te.compute(tuple(tvm.tirx.IntImm("int64", d) for d in shape), _pad, name="pad")
+    else:
+        src = x
+    ry = te.reduce_axis((tvm.tirx.IntImm("int64", 0), tvm.tirx.IntImm("int64", kh)), name="ry")
+    rx = te.reduce_axis((tvm.tirx.IntImm("int64", 0), tvm.tirx.IntImm("int64", kw)), name="rx")
+    rc = te.reduce_axis((tvm.tirx.IntImm("int64", 0), tvm.tirx.IntImm("int64", channels)),
+                        name="rc")
+    sh, sw = stride
+    return te.compute(
+        tuple(tvm.tirx.IntImm("int64", int(d)) for d in (batch, *out_hw, blocks * blk)),
+        lambda n, y, xx, o: te.sum(src[n, y * sh + ry, xx * sw + rx, rc]
+                                   * w[o // blk, ry, rx, rc, o % blk], axis=[ry, rx, rc]),
+        name="conv")
+
+
+def conv_func(x_shape: tuple[int, ...], w_shape: tuple[int, ...], stride: tuple[int, int],
+              pads: tuple[int, int, int, int], out_hw: tuple[int, int]) -> tvm.tirx.PrimFunc:
+    """The unscheduled PrimFunc (x, w_blocked) -> y, fusable with the elementwise ops after."""
+    def i64(dims):  # Relax's shapes are int64: buffers of fused functions must agree
+        return tuple(tvm.tirx.IntImm("int64", int(d)) for d in dims)
+
+    x = te.placeholder(i64(x_shape), "float32", name="x")
+    w = te.placeholder(i64(w_shape), "float32", name="w")
+    y = conv_nhwc_blocked(x, w, stride, pads, i64(out_hw))
+    func = te.create_prim_func([x, w, y])
+    name = (f"float_conv_nhwc_b{x_shape[0]}h{x_shape[1]}w{x_shape[2]}c{x_shape[3]}"
+            f"o{w_shape[0] * w_shape[4]}k{w_shape[1]}x{w_shape[2]}s{stride[0]}x{stride[1]}"
+            f"p{'_'.join(map(str, pads))}")
+    return func.with_attr("global_symbol", name).with_attr("op_pattern", OUT_EWISE_FUSABLE)
