@@ -1,11 +1,14 @@
 # One entry point for a fresh machine: `make demo` and `make test` set everything up first.
-# The newest Python >= 3.11 that runs (override: make test PY=python3.12). A pyenv shim
-# that refuses to run without a selected version is skipped and the version's own
-# interpreter is taken from `pyenv prefix`; probing runs each candidate, not `command -v`.
-PY      ?= $(shell for v in 3.13 3.12 3.11; do \
-             if python$$v -c '' 2>/dev/null; then echo python$$v; exit; fi; \
-             p=$$(pyenv prefix $$v 2>/dev/null) && $$p/bin/python$$v -c '' 2>/dev/null \
-               && { echo $$p/bin/python$$v; exit; }; \
+# The newest Python >= 3.11 that runs, or the one PY= names (make test PY=python3.12). Each
+# candidate is run, not looked up: a pyenv shim that refuses to run without a selected
+# version is replaced by that version's own interpreter (`pyenv prefix 3.12`).
+PY      ?=
+PYTHON  := $(shell for c in $(if $(PY),$(PY),python3.13 python3.12 python3.11); do \
+             if $$c -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; \
+               then echo $$c; exit; fi; \
+             v=$$(echo $$c | sed 's/.*python//'); p=$$(pyenv prefix $$v 2>/dev/null) \
+               && $$p/bin/python$$v -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+               2>/dev/null && { echo $$p/bin/python$$v; exit; }; \
            done; echo none)
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -22,10 +25,9 @@ $(STAMP): pyproject.toml
 	    if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	    $$SUDO apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq g++-aarch64-linux-gnu qemu-user; }
-	@[ "$(PY)" != none ] || { echo "no Python 3.11-3.13 found: install one, or make ... PY=/path/to/python3.X"; exit 2; }
-	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "$(PY) is older than 3.11"; exit 2; }
-	@echo "using $(PY) ($$($(PY) --version))"
-	$(PY) -m venv $(VENV)
+	@[ "$(PYTHON)" != none ] || { echo "no Python 3.11+ found$(if $(PY), (PY=$(PY) does not run or is older than 3.11)): install one, or make ... PY=/path/to/python3.X"; exit 2; }
+	@echo "using $(PYTHON) ($$($(PYTHON) --version))"
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
