@@ -284,3 +284,11 @@ def test_maxpool_stays_below_a_constant_that_varies_along_width():
                [("x", [1, 3, 4, 4])], [("p", [1, 3, 3, 3])],
                [("c", np.arange(4, dtype=np.float32))])
     assert rules.pool_before_binarizer(Graph(m2)) == []
+
+
+def test_maxpool_after_a_relu_alone_stays():
+    """Without a binarizer in the chain nothing is gained: conv + ReLU stays one fused kernel."""
+    m = model([helper.make_node("Relu", ["x"], ["r"]),
+               helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2])],
+              [("x", [1, 3, 4, 4])], [("p", [1, 3, 3, 3])])
+    assert rules.pool_before_binarizer(Graph(m)) == []

@@ -126,8 +126,8 @@ def pool_before_binarizer(g: Graph) -> list[Note]:
         if pool.op_type != "MaxPool" or len(pool.output) != 1:
             continue
         chain = _monotone_chain(g, pool.input[0])
-        if not chain:
-            continue
+        if not any(n.op_type in _STEPS for n, _ in chain):
+            continue  # no binarizer in the chain: nothing to gain (and a fused ReLU to lose)
         top, k = chain[-1]
         out = pool.output[0]
         pooled = g.fresh(out)
@@ -142,6 +142,7 @@ def pool_before_binarizer(g: Graph) -> list[Note]:
 
 
 _ORDER = ("Sign", "Round", "Relu", "Ceil", "Floor")  # unary and non-decreasing
+_STEPS = ("Sign", "Round", "Where", "Cast", "Ceil", "Floor")  # what makes the chain a binarizer
 
 
 def _monotone_chain(g: Graph, value: str) -> list[tuple]:
