@@ -529,12 +529,13 @@ class _FusedRewriter(PyExprMutator):
         geo = compute.ConvGeometry(b, c, h, w, o, (kh, kw), tuple(blk.strides),
                                    tuple(blk.pads), m, blk.N, wb)
         vec = block_vector(o, wb, self.target)
-        nxt = 0 if plan.next_thresholds is None else int(plan.next_thresholds.size)
+        nxt = 0 if plan.next_thresholds is None else int(plan.next_thresholds.shape[0])
         spec = compute.BlockSpec(
             geo, blk.act == "bipolar", vec, affine=glue.scale is not None,
             residual=glue.residual is not None, relu=glue.relu, float_out=plan.float_out,
             next_planes=nxt, pre_bias=glue.pre is not None, prelu=glue.slope is not None,
-            post_bias=glue.post is not None, hardtanh=glue.hardtanh)
+            post_bias=glue.post is not None, hardtanh=glue.hardtanh,
+            next_per_channel=nxt > 0 and plan.next_thresholds.ndim == 2)
         func = abc_block_func(spec, self.target, scheduled=self.scheduled)
         wbits, wsum = pack_weights(blk.bases, word_bits=wb)
         ab = (blk.alpha[:, None, :] * blk.beta[None, :, None]).astype(np.float32)
