@@ -391,77 +391,43 @@ def pack_intrin(bits: int, scope: str, per_channel: bool = False) -> str:
     all-ones / zero int32 result of the float32 compare, so NaN packs to 0 as in ONNX.
     `per_channel`: one threshold per channel (a vector load) instead of one per word.
     """
-    if per_channel:
-        return _pack_intrin_per_channel(bits, scope)
-    name = f"abc_pack_movmsk_thr_{bits}_{scope}"
+    name = f"abc_pack_movmsk_thr{'pc' if per_channel else ''}_{bits}_{scope}"
     if s_tir.TensorIntrin.get(name, allow_missing=True) is not None:
         return name
     groups = bits // 8
     movmsk = "llvm.x86.avx.movmsk.ps.256"
+    # The threshold of bit j, and of the 8 lanes of group g: v[j] or the word's one v[0].
+    n_thr = bits if per_channel else 1
+
+    def thr(v, j):
+        return v[j] if per_channel else v[0]
+
+    def thr8(v, g):
+        return v[T.ramp(g * 8, 1, 8)] if per_channel else T.broadcast(v[0], 8)
 
     @T.prim_func(s_tir=True)
     def desc(z: T.Buffer((bits,), "float32", offset_factor=1, scope=scope),
-             v: T.Buffer((1,), "float32", offset_factor=1),
+             v: T.Buffer((n_thr,), "float32", offset_factor=1),
              w: T.Buffer((1,), "uint64", offset_factor=1)) -> None:
         with T.sblock("root"):
-            T.reads(w[0], v[0], z[0:bits])
+            T.reads(w[0], v[0:n_thr], z[0:bits])
             T.writes(w[0])
             for j in range(bits):
                 with T.sblock("update"):
                     vj = T.axis.remap("R", [j])
                     w[0] = w[0] + T.Select(
-                        v[0] <= z[vj],
+                        thr(v, vj) <= z[vj],
                         T.shift_left(T.uint64(1), T.Cast("uint64", vj)), T.uint64(0))
 
     @T.prim_func(s_tir=True)
     def impl(z: T.Buffer((bits,), "float32", offset_factor=1, scope=scope),
-             v: T.Buffer((1,), "float32", offset_factor=1),
+             v: T.Buffer((n_thr,), "float32", offset_factor=1),
              w: T.Buffer((1,), "uint64", offset_factor=1)) -> None:
         with T.sblock("root"):
-            T.reads(w[0], v[0], z[0:bits])
+            T.reads(w[0], v[0:n_thr], z[0:bits])
             T.writes(w[0])
             for g in T.unroll(groups):
-                mask = T.Select(z[T.ramp(g * 8, 1, 8)] >= T.broadcast(v[0], 8),
-                                T.broadcast(T.int32(-1), 8), T.broadcast(T.int32(0), 8))
-                lanes = T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id(movmsk),
-                    T.reinterpret(mask, dtype="float32x8"), dtype="int32")
-                w[0] = w[0] | T.shift_left(T.Cast("uint64", lanes), T.Cast("uint64", g * 8))
-
-    s_tir.TensorIntrin.register(name, desc, impl)
-    return name
-
-
-def _pack_intrin_per_channel(bits: int, scope: str) -> str:
-    name = f"abc_pack_movmsk_thrpc_{bits}_{scope}"
-    if s_tir.TensorIntrin.get(name, allow_missing=True) is not None:
-        return name
-    groups = bits // 8
-    movmsk = "llvm.x86.avx.movmsk.ps.256"
-
-    @T.prim_func(s_tir=True)
-    def desc(z: T.Buffer((bits,), "float32", offset_factor=1, scope=scope),
-             v: T.Buffer((bits,), "float32", offset_factor=1),
-             w: T.Buffer((1,), "uint64", offset_factor=1)) -> None:
-        with T.sblock("root"):
-            T.reads(w[0], v[0:bits], z[0:bits])
-            T.writes(w[0])
-            for j in range(bits):
-                with T.sblock("update"):
-                    vj = T.axis.remap("R", [j])
-                    w[0] = w[0] + T.Select(
-                        v[vj] <= z[vj],
-                        T.shift_left(T.uint64(1), T.Cast("uint64", vj)), T.uint64(0))
-
-    @T.prim_func(s_tir=True)
-    def impl(z: T.Buffer((bits,), "float32", offset_factor=1, scope=scope),
-             v: T.Buffer((bits,), "float32", offset_factor=1),
-             w: T.Buffer((1,), "uint64", offset_factor=1)) -> None:
-        with T.sblock("root"):
-            T.reads(w[0], v[0:bits], z[0:bits])
-            T.writes(w[0])
-            for g in T.unroll(groups):
-                mask = T.Select(z[T.ramp(g * 8, 1, 8)] >= v[T.ramp(g * 8, 1, 8)],
+                mask = T.Select(z[T.ramp(g * 8, 1, 8)] >= thr8(v, g),
                                 T.broadcast(T.int32(-1), 8), T.broadcast(T.int32(0), 8))
                 lanes = T.call_llvm_pure_intrin(
                     T.llvm_lookup_intrinsic_id(movmsk),
