@@ -241,33 +241,40 @@ void WriteNpy(const std::string& path, const std::vector<int64_t>& shape, const 
 
 // ----------------------------------------------------------------------- manifest
 
-// The first input's shape in MODEL.so.json: the few bytes of JSON this program needs.
-bool ManifestInputShape(const std::string& manifest_path, std::vector<int64_t>* shape) {
+// MODEL.so.json's text, or "" where there is none (a model copied without it is run
+// unchecked). Read once: the input shape and the CPU features come from it.
+std::string ReadManifest(const std::string& manifest_path) {
   std::ifstream in(manifest_path, std::ios::binary);
-  if (!in) return false;
+  if (!in) return "";
   std::ostringstream s;
   s << in.rdbuf();
-  std::string json = s.str();
-  size_t inputs = json.find("\"inputs\"");
-  size_t key = inputs == std::string::npos ? inputs : json.find("\"shape\"", inputs);
-  size_t open = key == std::string::npos ? key : json.find('[', key);
+  return s.str();
+}
+
+// [open, close] of the first JSON array after `key` (searched from `from`), or npos.
+std::pair<size_t, size_t> ArrayAfter(const std::string& json, const char* key, size_t from = 0) {
+  size_t at = json.find(key, from);
+  size_t open = at == std::string::npos ? at : json.find('[', at);
   size_t close = open == std::string::npos ? open : json.find(']', open);
+  return {open, close};
+}
+
+// The first input's shape in the manifest: the few bytes of JSON this program needs.
+bool ManifestInputShape(const std::string& json, const std::string& manifest_path,
+                        std::vector<int64_t>* shape) {
+  if (json.empty()) return false;
+  size_t inputs = json.find("\"inputs\"");
+  auto [open, close] = inputs == std::string::npos ? std::pair{inputs, inputs}
+                                                   : ArrayAfter(json, "\"shape\"", inputs);
   if (close == std::string::npos) Fail(kBadInput, manifest_path + " has no input shape: recompile");
   *shape = ParseInts(json.substr(open, close - open + 1), manifest_path);
   return true;
 }
 
-// The "cpu_features" strings of MODEL.so.json (Linux's names: asimd, atomics, asimddp, ...).
-std::vector<std::string> ManifestCpuFeatures(const std::string& manifest_path) {
+// The manifest's "cpu_features" strings (Linux's names: asimd, atomics, asimddp, ...).
+std::vector<std::string> ManifestCpuFeatures(const std::string& json) {
   std::vector<std::string> out;
-  std::ifstream in(manifest_path, std::ios::binary);
-  if (!in) return out;
-  std::ostringstream s;
-  s << in.rdbuf();
-  std::string json = s.str();
-  size_t key = json.find("\"cpu_features\"");
-  size_t open = key == std::string::npos ? key : json.find('[', key);
-  size_t close = open == std::string::npos ? open : json.find(']', open);
+  auto [open, close] = ArrayAfter(json, "\"cpu_features\"");
   if (close == std::string::npos) return out;
   for (size_t q = json.find('"', open); q < close; q = json.find('"', q + 1)) {
     size_t end = json.find('"', q + 1);
@@ -303,9 +310,9 @@ bool HasCpuFeature(const std::string& name) {
   return true;
 }
 
-void CheckCpuFeatures(const std::string& model) {
+void CheckCpuFeatures(const std::string& model, const std::string& manifest) {
   std::string missing;
-  for (const std::string& f : ManifestCpuFeatures(model + ".json")) {
+  for (const std::string& f : ManifestCpuFeatures(manifest)) {
     if (!HasCpuFeature(f)) missing += (missing.empty() ? "" : ", ") + f;
   }
   if (!missing.empty()) {
@@ -347,10 +354,11 @@ int Run(int argc, char** argv) {
   if (args.size() != 3) Fail(kBadInput, "usage: abc-run MODEL.so IN.npy OUT.npy [--repeat N]");
   const std::string& model = args[0];
   CheckElf(model);
-  CheckCpuFeatures(model);
+  const std::string manifest = ReadManifest(model + ".json");
+  CheckCpuFeatures(model, manifest);
   Array x = ReadNpy(args[1]);
   std::vector<int64_t> expected;
-  if (ManifestInputShape(model + ".json", &expected) && expected != x.shape) {
+  if (ManifestInputShape(manifest, model + ".json", &expected) && expected != x.shape) {
     Fail(kBadInput, args[1] + " has shape " + ShapeText(x.shape) + ", the model takes " +
                         ShapeText(expected));
   }
