@@ -15,7 +15,7 @@ import onnx
 from abc_tvm.canonical import rules
 from abc_tvm.canonical.fold import fold_constants, needs_folding
 from abc_tvm.canonical.graph import Graph
-from abc_tvm.canonical.qonnx import drop_custom_opsets, lower_qonnx
+from abc_tvm.canonical.qonnx import lower_qonnx
 from abc_tvm.canonical.rules import Note
 
 __all__ = ["Note", "canonicalize", "rules_for", "summary_lines"]
@@ -27,7 +27,6 @@ def canonicalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Note]]:
     notes = lower_qonnx(g) + rules.straight_through(g)
     if notes:
         model = g.to_model()
-        drop_custom_opsets(model)
     if needs_folding(model):
         model = fold_constants(model)
         notes.append(Note("", "fold_constants", "constants folded by ONNX Runtime"))

@@ -160,14 +160,18 @@ class Graph:
         return order
 
     def to_model(self, prune: bool = True) -> onnx.ModelProto:
-        """A new ModelProto: same inputs, outputs and opsets, these nodes and constants."""
+        """A new ModelProto: same inputs and outputs, these nodes and constants, the opsets
+        of the domains they use (the standard one always)."""
         if prune:
             self.prune()
         g = self.model.graph
         graph = helper.make_graph(
             self._topo(), g.name, self.inputs, list(g.output),
             [numpy_helper.from_array(np.asarray(v), k) for k, v in self.consts.items()])
-        model = helper.make_model(graph, opset_imports=list(self.model.opset_import),
+        used = {n.domain for n in graph.node}  # a lowered custom domain (QONNX) is dropped
+        opsets = [o for o in self.model.opset_import
+                  if o.domain in ("", "ai.onnx") or o.domain in used]
+        model = helper.make_model(graph, opset_imports=opsets,
                                   producer_name=self.model.producer_name or "abc-tvm")
         model.ir_version = self.model.ir_version
         return model

@@ -68,14 +68,6 @@ def _key_op(g: Graph, out: str) -> str:
     return node.name if node is not None else ""
 
 
-def drop_custom_opsets(model: onnx.ModelProto) -> None:
-    """Remove opset imports of custom domains no node uses any more."""
-    used = {n.domain for n in model.graph.node}
-    keep = [o for o in model.opset_import if o.domain in STANDARD or o.domain in used]
-    del model.opset_import[:]
-    model.opset_import.extend(keep)
-
-
 # ------------------------------------------------------------------------------ the ops
 
 
