@@ -18,6 +18,11 @@ from tvm import te
 OUT_EWISE_FUSABLE = 4  # relax.OpPatternKind.kOutEWiseFusable
 
 
+def _i64(*dims: int) -> tuple[tvm.tirx.IntImm, ...]:
+    """Relax's shapes are int64: the buffers of a function FuseTIR fuses must agree."""
+    return tuple(tvm.tirx.IntImm("int64", int(d)) for d in dims)
+
+
 def block_weight(hwio: np.ndarray, block: int) -> np.ndarray:
     """HWIO [KH, KW, C, O] -> [O / block, KH, KW, C, block] (a tile's weights contiguous)."""
     kh, kw, c, o = hwio.shape
@@ -35,17 +40,16 @@ def conv_nhwc_blocked(x: te.Tensor, w: te.Tensor, stride: tuple[int, int],
             inside = tvm.tirx.all(h >= top, h < height + top, ww >= left, ww < width + left)
             return tvm.tirx.if_then_else(inside, x[n, h - top, ww - left, c],
                                          tvm.tirx.const(0.0, x.dtype))
-        shape = (batch, height + top + bottom, width + left + right, channels)
-        src = te.compute(tuple(tvm.tirx.IntImm("int64", d) for d in shape), _pad, name="pad")
+        src = te.compute(_i64(batch, height + top + bottom, width + left + right, channels),
+                         _pad, name="pad")
     else:
         src = x
-    ry = te.reduce_axis((tvm.tirx.IntImm("int64", 0), tvm.tirx.IntImm("int64", kh)), name="ry")
-    rx = te.reduce_axis((tvm.tirx.IntImm("int64", 0), tvm.tirx.IntImm("int64", kw)), name="rx")
-    rc = te.reduce_axis((tvm.tirx.IntImm("int64", 0), tvm.tirx.IntImm("int64", channels)),
-                        name="rc")
+    ry = te.reduce_axis(_i64(0, kh), name="ry")
+    rx = te.reduce_axis(_i64(0, kw), name="rx")
+    rc = te.reduce_axis(_i64(0, channels), name="rc")
     sh, sw = stride
     return te.compute(
-        tuple(tvm.tirx.IntImm("int64", int(d)) for d in (batch, *out_hw, blocks * blk)),
+        _i64(batch, *out_hw, blocks * blk),
         lambda n, y, xx, o: te.sum(src[n, y * sh + ry, xx * sw + rx, rc]
                                    * w[o // blk, ry, rx, rc, o % blk], axis=[ry, rx, rc]),
         name="conv")
@@ -54,12 +58,9 @@ def conv_nhwc_blocked(x: te.Tensor, w: te.Tensor, stride: tuple[int, int],
 def conv_func(x_shape: tuple[int, ...], w_shape: tuple[int, ...], stride: tuple[int, int],
               pads: tuple[int, int, int, int], out_hw: tuple[int, int]) -> tvm.tirx.PrimFunc:
     """The unscheduled PrimFunc (x, w_blocked) -> y, fusable with the elementwise ops after."""
-    def i64(dims):  # Relax's shapes are int64: buffers of fused functions must agree
-        return tuple(tvm.tirx.IntImm("int64", int(d)) for d in dims)
-
-    x = te.placeholder(i64(x_shape), "float32", name="x")
-    w = te.placeholder(i64(w_shape), "float32", name="w")
-    y = conv_nhwc_blocked(x, w, stride, pads, i64(out_hw))
+    x = te.placeholder(_i64(*x_shape), "float32", name="x")
+    w = te.placeholder(_i64(*w_shape), "float32", name="w")
+    y = conv_nhwc_blocked(x, w, stride, pads, out_hw)
     func = te.create_prim_func([x, w, y])
     name = (f"float_conv_nhwc_b{x_shape[0]}h{x_shape[1]}w{x_shape[2]}c{x_shape[3]}"
             f"o{w_shape[0] * w_shape[4]}k{w_shape[1]}x{w_shape[2]}s{stride[0]}x{stride[1]}"
