@@ -160,6 +160,13 @@ def check_local_target(name: str | None) -> str:
     return name
 
 
+def host_mcpu() -> str:
+    """LLVM's name of this CPU (what the doc sections are titled by)."""
+    import tvm
+
+    return str(tvm.target.Target.from_device("cpu").attrs.get("mcpu", "?"))
+
+
 def tvm_target(name: str):
     """The TVM target of a bench target name (TOPI, the peak kernel, standalone layers)."""
     from abc_tvm import targets

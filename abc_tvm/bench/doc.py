@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from abc_tvm.bench.common import FLOAT_PEERS, Config, load_benchmark
+from abc_tvm.bench.common import FLOAT_PEERS, Config, host_mcpu, load_benchmark
 from abc_tvm.bench.jobs import PROFILE_MIN_S
 from abc_tvm.bench.tables import _model_label, _ok, _wrong_topi_note, build_tables, targets
 
@@ -18,14 +18,8 @@ def section_title(results: dict) -> str:
     CPUs with and without AVX-512 VPOPCNTDQ keep their figures side by side."""
     target = results.get("meta", {}).get("target", "x86")
     if target != "x86":  # another x86 build timed on this CPU: its own section
-        return f"## x86: {_mcpu(results)} build (run on {_host_mcpu()})"
+        return f"## x86: {_mcpu(results)} build (run on {host_mcpu()})"
     return f"## x86: {_mcpu(results)}"
-
-
-def _host_mcpu() -> str:
-    import tvm
-
-    return str(tvm.target.Target.from_device("cpu").attrs.get("mcpu", "?"))
 
 
 def _peak_kernel_note(results: dict) -> str:

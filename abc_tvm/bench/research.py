@@ -20,7 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from abc_tvm.bench.common import _command_line, load_benchmark, machine_info, tvm_target
+from abc_tvm.bench.common import (
+    _command_line,
+    host_mcpu,
+    load_benchmark,
+    machine_info,
+    tvm_target,
+)
 from abc_tvm.errors import UserError
 
 
@@ -237,7 +243,7 @@ def sections(results: dict) -> list[str]:
     """The `docs/benchmarks.md` sections these results rewrite (one per kind and CPU model):
     research exports, and QONNX exports."""
     mach = results["machine"]
-    mcpu = _llvm_mcpu()
+    mcpu = host_mcpu()
     if results.get("target", "x86") != "x86":  # another x86 build timed on this CPU
         mcpu = f"{results['target']} build, run on {mcpu}"
     head = (f"{mach.get('cpu', '?')}, 1 thread, random weights with non-trivial BatchNorm "
@@ -259,12 +265,6 @@ def sections(results: dict) -> list[str]:
             "float ops (abc-tvm's canonical form); Brevitas eager runs the PyTorch model.", "",
             table(results, qonnx), ""]))
     return out
-
-
-def _llvm_mcpu() -> str:
-    import tvm
-
-    return str(tvm.target.Target.from_device("cpu").attrs.get("mcpu", "?"))
 
 
 def main(argv: list[str] | None = None) -> int:
