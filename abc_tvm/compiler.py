@@ -181,6 +181,8 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
     written when it fails.
     """
     spec = targets.resolve(target)
+    # what the .so's instructions need (runtimes refuse a CPU without them); also its level
+    features = targets.cpu_features(spec.target) if spec.kind == "llvm" else []
     output = Path(output)
     if not output.parent.exists():
         raise UserError(f"output directory {output.parent} does not exist")
@@ -194,7 +196,7 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
 
         kernels = {gv.name_hint for gv, f in scheduled.functions.items()
                    if isinstance(f, tvm.tirx.PrimFunc)}
-        level = targets.x86_level(set(targets.cpu_features(spec.target)))
+        level = targets.x86_level(set(features))
         dirs = find_databases(tuning_log, kernels, level)
         database = load_databases(dirs)
     elif tuning_log not in (None, False):
@@ -236,9 +238,7 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
             "inputs": [t.as_dict() for t in frontend.inputs(proto)],
             "outputs": [t.as_dict() for t in frontend.outputs(proto)],
             "target": {"name": spec.name, "tvm": str(spec.target), "word_bits": spec.word_bits,
-                       # what the .so's instructions need: runtimes refuse a CPU without them
-                       "cpu_features": targets.cpu_features(spec.target)
-                       if spec.kind == "llvm" else []},
+                       "cpu_features": features},
             "tvm_version": tvm.__version__,
             "sha256": sha256(tmp),
             "abc_layers": report.abc_layers,
