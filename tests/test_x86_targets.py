@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnx_builders as ob
 import pytest
+from host import cpu_flags
 from onnx import TensorProto, helper, numpy_helper
 
 from abc_tvm import deploy, targets
@@ -23,9 +24,8 @@ from abc_tvm.errors import UserError
 from abc_tvm.runtime import load
 from abc_tvm.tuning import find_databases
 
-host = pytest.importorskip("host")
 pytestmark = pytest.mark.skipif(
-    not {"avx2", "avx512f"} <= host.cpu_flags(),
+    not {"avx2", "avx512f"} <= cpu_flags(),
     reason="builds every level here and runs them: needs an AVX-512 host")
 
 # AVX-512's footprint in a disassembly: zmm registers, opmask registers, registers 16-31,
@@ -108,7 +108,7 @@ def test_manifest_records_the_features_a_build_needs(builds):
     assert not any(f.startswith("avx512") for f in needs("x86-64-v3"))
     assert {"avx512f", "avx512bw", "avx512vl"} <= needs("x86-64-v4")
     assert "avx2" not in needs("x86-64-v2") and "popcnt" in needs("x86-64-v2")
-    assert needs("x86") <= host.cpu_flags()
+    assert needs("x86") <= cpu_flags()
 
 
 def _fake_cpu(tmp_path: Path, level: str) -> Path:
