@@ -129,13 +129,15 @@ def _tiled_reduction(sch: s_tir.Schedule, simd: SIMD) -> bool:
     channels = _extent(sch, spatial[-1])
     if channels < 8 or len(sch.get_consumers(red)) > 1:
         return False
-    # A producer (the zero padding) is inlined into the reduction only where its channels
-    # are fewer than a vector: the stem's 3-channel padding copies badly (3-wide rows), and
-    # its unrolled 3-channel reduction hides the bounds test. Elsewhere the test, per input
-    # value, costs more than the copy (float ResNet-18, 512-channel 7x7 conv: 2.5 ms
-    # inlined, 1.6 ms padded apart; 56x56x64: even).
+    # A conv's padding is inlined into the reduction only where its channels are fewer than
+    # a vector: the stem's 3-channel padding copies badly (3-wide rows), and its unrolled
+    # 3-channel reduction hides the bounds test. Elsewhere the test, per multiply, costs
+    # more than the copy (float ResNet-18, 512-channel 7x7 conv: 2.5 ms inlined, 1.6 ms
+    # padded apart; 56x56x64: even). A pool (one input, no weight) keeps it inlined: its
+    # copy would cost as much as the pool (the stem's 3x3 max pool: 0.31 vs 0.75 ms).
+    is_conv = len(sch.get(red).reads) > 1  # input and weight (a pool reads one buffer)
     for producer in sch.get_producers(red):
-        if _channels_in(sch, producer) >= simd.fp32_lanes:
+        if is_conv and _channels_in(sch, producer) >= simd.fp32_lanes:
             _parallel_simple(sch, producer)
             continue
         try:
