@@ -25,6 +25,14 @@ def _args(*argv: str) -> argparse.Namespace:
     return p.parse_args(list(argv))
 
 
+def _float_convs(prof: dict) -> list:
+    """abc-tvm's float convs of a float-ops profile, each with its ORT peer (None: none)."""
+    from abc_tvm.bench.float_ops import match
+
+    return [(o, t) for o, t in match(prof["abc"], prof["ort"]).pairs
+            if o.key and o.key[0] == "Conv"]
+
+
 def test_popcount_peak_is_positive_and_uses_popcount_instructions():
     peak = bench.load_benchmark("popcount_peak")
     res = peak.measure_peak(threads=1, reps=64, repeat=2, min_repeat_ms=5)
@@ -135,6 +143,9 @@ def test_quick_bench_writes_doc_plot_and_json_with_every_peer(tmp_path):
         assert entry["best_ms"] > 0 and entry["median_ms"] >= entry["best_ms"], (peer, entry)
         assert entry["check_rel_err"] < 1e-3 and entry["top1_match"], (peer, entry)
     assert run["models"]["abc1x1"]["ort_rel_err"] < 1e-3  # the yardstick was computed
+    for peer in ("tvm_fp32", "abc1x1"):  # each float conv against ORT's same op
+        convs = _float_convs(run["float_ops"][peer])
+        assert convs and all(t is not None and o.ms > 0 and t.ms > 0 for o, t in convs), peer
     layers = run["layers"]
     assert layers and all(r["abc"]["best_ms"] > 0 and r["abc"]["pct_peak"] > 0 for r in layers)
     topi = [r for r in layers if r["layer"]["channels"] % 64 == 0]
@@ -155,7 +166,8 @@ def test_quick_bench_writes_doc_plot_and_json_with_every_peer(tmp_path):
     assert "keep me" in text and text.index("## x86: ") < text.index("## Serving")
     for needle in ("python -m abc_tvm.bench --quick", "ONNX Runtime fp32", "PyTorch eager fp32",
                    "TVM fp32", "abc-tvm ABC-ResNet-20 M=1 N=1", "TOPI tuned", "% of peak",
-                   "Popcount peak", results["meta"]["machine"]["cpu"]):
+                   "Popcount peak", "Float layers of abc-tvm ABC-ResNet-20 M=1 N=1",
+                   "every float layer <= 1.5x", results["meta"]["machine"]["cpu"]):
         assert needle in text, needle
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -180,9 +192,12 @@ def test_research_workload_bench_times_every_peer(tmp_path):
     assert row["binary_layers"] == 16 and len(row["layer_ms"]) == 16
     assert set(row["best_ms"]) == {"abc-tvm", "ORT fp32", "PyTorch eager"}
     assert all(v > 0 for v in row["best_ms"].values()) and row["max_rel_err"] < 1e-4
+    convs = _float_convs(row["float_ops"])  # the stem and the float 1x1 projections
+    assert convs and all(t is not None and o.ms > 0 and t.ms > 0 for o, t in convs)
     (text,) = research.sections(found)
     assert text.startswith("## Research BNN exports (x86: ") and "| bireal18 (3x32x32) | 1 |" \
         in text
+    assert "Float layers of bireal18 batch 1 vs ONNX Runtime" in text
 
 
 def test_qonnx_workload_bench_runs_both_batches(tmp_path):

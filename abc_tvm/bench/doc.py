@@ -92,6 +92,21 @@ def doc_section(results: dict, doc_path: Path | None, plot: Path | None) -> str:
              "conv (`abc_tvm.schedules.bitpack_func` + `abc_conv_func`, hand-written "
              "schedule, 0 tuning trials): the like-for-like peer of TOPI, which also packs its "
              "activations inside the timed kernel.",
+             "- Float layers, per op: in the same process and at the same thread count, every "
+             "kernel call of the compiled model (Relax VM instrument) and every node of ONNX "
+             "Runtime on the same ONNX (its profiler's per-node kernel time; the float twin's "
+             "ONNX for TVM fp32, the ABC ONNX for abc-tvm), best of the runs named in each "
+             "title, in interleaved rounds (`abc_tvm/bench/float_ops.py`). A call and a node "
+             "are paired by op kind and shapes (conv: channels, input size, out channels, "
+             "kernel, output size; FC: features; pools and the rest: their dimensions other "
+             "than 1 in any order, NHWC against NCHW, a fused kernel by its first op that is "
+             "not a transpose or reshape), in model order within one key; both runtimes fuse "
+             "the epilogue (bias, residual add, ReLU) into the conv. An unpaired call shows - "
+             "for ORT; unpaired ORT nodes are summed by op kind as \"ORT only\" (in an ABC "
+             "model mostly the binarizers' elementwise ops and ORT's NCHWc reorders, work that "
+             "abc-tvm does inside its bit-pack and binary kernels), and ORT convs with the "
+             "shape of one of abc-tvm's binary kernels are summed apart. abc-tvm / ORT above "
+             "1 means abc-tvm is slower.",
              "- TOPI peer: TVM's `topi.nn.bitserial_conv2d_nhwc` (activation_bits = N, "
              "weight_bits = M, uint64 words, unipolar = {0,1} activations × ±1 weights, int32 "
              "out), its activations bit-packed inside the timed kernel and its weights packed "
@@ -127,6 +142,9 @@ def all_errors(results: dict) -> list[str]:
         for name, e in (run.get("models") or {}).items():
             if "error" in e:
                 out.append(f"{t}T {name}: {e['error'][:300]}")
+        for name, prof in (run.get("float_ops") or {}).items():
+            if "error" in prof:
+                out.append(f"{t}T float ops of {name}: {prof['error'][:300]}")
         for r in run.get("layers") or []:
             for key in ("abc", "topi_untuned", "topi_tuned"):
                 if "error" in r.get(key, {}):

@@ -22,6 +22,7 @@ from abc_tvm.bench.common import (
     step,
     tvm_target,
 )
+from abc_tvm.bench.float_ops import profile_models
 from abc_tvm.bench.tables import _ok
 
 
@@ -494,6 +495,8 @@ def _job_measure(job: dict) -> dict:
                  os.environ.get("TVM_NUM_THREADS")}
     if "models" in job["parts"]:
         out["models"] = _measure_models(job)
+        # each float layer against ORT's same op, in this process and at this thread count
+        out["float_ops"] = profile_models(job)
     if "layers" in job["parts"]:
         out["layers"] = _measure_layers(job)
         profiles = {}

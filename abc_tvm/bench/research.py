@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from abc_tvm.bench import float_ops
 from abc_tvm.bench.common import (
     _command_line,
     host_mcpu,
@@ -27,6 +28,7 @@ from abc_tvm.bench.common import (
     machine_info,
     tvm_target,
 )
+from abc_tvm.bench.tables import Tables
 from abc_tvm.errors import UserError
 
 
@@ -159,6 +161,7 @@ def _measure_one(wl: Workload, net, batch: int, image_size: int | None, repeat: 
     import onnxruntime as ort
     import torch
 
+    from abc_tvm.bench.float_ops import profile_pair
     from abc_tvm.bench.jobs import profile_kernels
     from abc_tvm.blocks import match
     from abc_tvm.compiler import compile_model
@@ -197,12 +200,16 @@ def _measure_one(wl: Workload, net, batch: int, image_size: int | None, repeat: 
                 samples[k] += _time(fn, max(1, repeat // 3))
     np.save(tmp / f"{stem}.x.npy", xn)
     per_layer = [p["ms"] for p in profile_kernels(str(so), str(tmp / f"{stem}.x.npy"), repeat)]
+    try:  # each float layer against ORT's same op, on the ONNX ORT ran above
+        float_prof = profile_pair(str(so), ort_model, str(tmp / f"{stem}.x.npy"), 1, repeat)
+    except Exception as e:  # noqa: BLE001 - the table is missing, the row stays
+        float_prof = {"error": f"{type(e).__name__}: {e}"}
     return {"name": wl.name, "batch": batch, "shape": [c, h, w], "max_rel_err": err,
             "float_lowered": wl.float_lowered, "peer": wl.peer,
             "best_ms": {k: min(v) for k, v in samples.items()},
             "median_ms": {k: float(np.median(v)) for k, v in samples.items()},
             "binary_layers": len(report.abc_layers), "binary_macs": macs,
-            "layer_ms": per_layer, "layers": report.abc_layers}
+            "layer_ms": per_layer, "layers": report.abc_layers, "float_ops": float_prof}
 
 
 def table(results: dict, rows: list[dict] | None = None) -> str:
@@ -236,7 +243,30 @@ def table(results: dict, rows: list[dict] | None = None) -> str:
                     f"{a['out_channels']}x{a['in_channels']}x{a['kernel'][0]}x{a['kernel'][1]}"
                     f" M{a['M']}N{a['N']} {p:.0f}%" for p, a in worst)
                 + f"; max rel. error vs ORT {r['max_rel_err']:.1e}")
-    return "\n".join(lines + [""] + notes)
+        hi = float_ops.worst(r["float_ops"]) if "abc" in r.get("float_ops", {}) else None
+        if hi is not None:
+            notes.append(f"- {r['name']} batch {r['batch']}: float layers at most {hi[0]:.2f}x "
+                         f"ORT's time for the same op ({hi[1]}; {hi[2]} ops matched; target "
+                         f"<= 1.5x: {'met' if hi[0] <= 1.5 else 'not met'})")
+    floats = float_tables(rows)
+    return "\n".join(lines + [""] + notes) + (
+        "\n\n" + floats.markdown("###").rstrip() if floats.sections else "")
+
+
+def float_tables(rows: list[dict]) -> Tables:
+    """Each workload's float layers against ORT's time for the same op (1 thread), or why not."""
+    tabs = Tables()
+    for r in rows:
+        prof = r.get("float_ops") or {}
+        onnx = "the float-lowered ONNX" if r["float_lowered"] else "the same ONNX"
+        title = f"Float layers of {r['name']} batch {r['batch']} vs ONNX Runtime on {onnx}, " \
+                "per op, 1 thread"
+        if "abc" in prof:
+            tabs.add(f"{title}, best of {prof['runs']} runs", float_ops.HEAD,
+                     float_ops.rows(prof))
+        elif "error" in prof:
+            tabs.add(title, ["error"], [[prof["error"][:300]]])
+    return tabs
 
 
 def sections(results: dict) -> list[str]:
@@ -248,7 +278,10 @@ def sections(results: dict) -> list[str]:
         mcpu = f"{results['target']} build, run on {mcpu}"
     head = (f"{mach.get('cpu', '?')}, 1 thread, random weights with non-trivial BatchNorm "
             "statistics, interleaved rounds, untuned. AND+popcount peak measured in the same "
-            f"run: {results['peak_gbitops']:.0f} Gbit-ops/s. Command: `{results['command']}`.")
+            f"run: {results['peak_gbitops']:.0f} Gbit-ops/s. Command: `{results['command']}`. "
+            "Float-layer tables: each abc-tvm float kernel call against ORT's node of the same "
+            "op and shapes, both profiled in the same process (`abc_tvm/bench/float_ops.py`, "
+            "method as in the x86 sections).")
     research = [r for r in results["rows"] if not r["float_lowered"]]
     qonnx = [r for r in results["rows"] if r["float_lowered"]]
     out = []

@@ -100,7 +100,7 @@ def _estimate_steps(cfg: Config, n_layers: int) -> int:
         steps += n_layers * len([c for c in cfg.topi_tuned if c in cfg.models])
     per_thread = 1
     if "models" in cfg.parts:
-        per_thread += 1 + cfg.repeat
+        per_thread += 1 + cfg.repeat + n_models + 1  # + the float ops of each model, twin
     if "layers" in cfg.parts:
         per_thread += (n_layers + 1) * n_models + 1  # + the second peak measurement
     return steps + per_thread * len(cfg.threads)
@@ -213,7 +213,7 @@ def collect(cfg: Config) -> dict:
                    "layers": measure_layers}
             env = {k: str(t) for k in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
                                        "OPENBLAS_NUM_THREADS")}
-            steps = 1 + (1 + cfg.repeat if "models" in cfg.parts else 0) + (
+            steps = 1 + (2 + cfg.repeat + len(cfg.models) if "models" in cfg.parts else 0) + (
                 len(measure_layers) + len(cfg.models) if "layers" in cfg.parts else 0)
             runs[str(t)] = runner.run(f"measure-{t}T", job, env=env, steps=steps)
             if "error" in runs[str(t)]:

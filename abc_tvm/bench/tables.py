@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from abc_tvm.bench import float_ops
 from abc_tvm.bench.common import CHECK_TOL, FLOAT_PEERS
 
 
@@ -99,6 +100,12 @@ def _check(entry: dict) -> str:
     return text + (" (!)" if suspicious(entry) else "")
 
 
+def _float_ops_title(name: str, arch: str, threads: str, prof: dict) -> str:
+    onnx = "the float twin's ONNX" if name == "tvm_fp32" else "the same ABC ONNX"
+    return (f"Float layers of {_model_label(name, arch)} vs ONNX Runtime on {onnx}, per op, "
+            f"{threads} thread(s), best of {prof['runs']} runs")
+
+
 def build_tables(results: dict) -> Tables:
     """Tables for the terminal and the doc: peak, models, layers, thread scaling."""
     meta, runs = results["meta"], results.get("runs", {})
@@ -130,6 +137,11 @@ def build_tables(results: dict) -> Tables:
                  f"{meta['image_size']}", ["peer", "ms (best)", "ms (median)",
                                             "speed-up vs ORT",
                                             "max rel. err vs PyTorch"], rows)
+    for t, run in runs.items():
+        for name, prof in (run.get("float_ops") or {}).items():
+            if "error" not in prof:
+                tabs.add(_float_ops_title(name, meta["arch"], t, prof), float_ops.HEAD,
+                         float_ops.rows(prof))
     for t, run in runs.items():
         lay = run.get("layers")
         if not lay:
@@ -199,6 +211,13 @@ def targets(results: dict) -> list[list[str]]:
                 out.append([f"M={mn[0]} N={mn[2]}: every binary layer >= 50% of popcount peak "
                             f"({where})", f"min {min(pcts):.0f}% (max {max(pcts):.0f}%)",
                             verdict(min(pcts) >= 50)])
+    for mn in meta["models"]:
+        prof = (one.get("float_ops") or {}).get(f"abc{mn}") or {}
+        hi = float_ops.worst(prof) if "abc" in prof else None
+        if hi is not None:
+            out.append([f"M={mn[0]} N={mn[2]}: every float layer <= 1.5x ORT's time for the "
+                        "same op", f"max {hi[0]:.2f}x ({hi[1]}; {hi[2]} ops)",
+                        verdict(hi[0] <= 1.5)])
     for mn in meta["topi_tuned"]:
         rows = [r for r in one.get("layers") or [] if f"{r['M']}x{r['N']}" == mn]
         for where, get in (
