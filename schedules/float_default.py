@@ -11,6 +11,7 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir, tirx
 
+from . import float_depthwise
 from ._util import SIMD, simd_of
 
 VECTOR_MAX = 16  # innermost extent above which we split before vectorising
@@ -208,6 +209,11 @@ def _parallel_simple(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> None:
 
 def schedule_func(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
     """Parallel + vectorised schedule for one legalized PrimFunc (best effort per block)."""
+    if float_depthwise.is_depthwise(func):
+        try:
+            return float_depthwise.schedule(func, simd_of(target))
+        except Exception:  # noqa: BLE001 - an unusual fusion: the schedules below
+            pass
     if _has_root(s_tir.Schedule(func)):
         trial = s_tir.Schedule(func)
         try:
