@@ -245,9 +245,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--trials", type=int, required=True, help="total trials (a rerun resumes)")
     t.add_argument("--log", type=Path, default=None,
                    help="database directory (default: MODEL.tuning-TARGET beside the model)")
-    t.add_argument("--kernels", choices=["all", "abc"], default="all",
-                   help="tune every kernel (default) or only the ABC kernels (small budgets: "
-                        "the hand-written float schedules are hard to beat in few trials)")
+    t.add_argument("--kernels", choices=["all", "abc", "float"], default="all",
+                   help="tune every kernel (default), only the ABC kernels, or only the "
+                        "float ones (convs, dense layers and pools search their register "
+                        "tile; the untuned tile is always among the candidates)")
     t.add_argument("--rpc-tracker", default=None, help="HOST:PORT of a TVM RPC tracker")
     t.add_argument("--rpc-key", default=None, help="device key registered at the tracker")
     t.set_defaults(func=_tune)

@@ -95,7 +95,10 @@ def legalize_passes(spec: targets.TargetSpec) -> list[tvm.transform.Pass]:
     """
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    return cpu.library_dispatch_passes(spec.target) + cpu.legalize_passes(spec.target)
+    from abc_tvm.schedules.float_tune import mark_tunable
+
+    return (cpu.library_dispatch_passes(spec.target) + cpu.legalize_passes(spec.target)
+            + [mark_tunable])
 
 
 def _fallback_pass(fallback: dict[str, tvm.tirx.PrimFunc]) -> tvm.transform.Pass:

@@ -26,6 +26,7 @@ from abc_tvm.relay_passes.abc_rewrite import rewrite
 
 RECORDS = "database_tuning_record.json"
 WORKLOADS = "database_workload.json"
+KERNEL_SETS = ("all", "abc", "float")
 TASKS = "tasks.json"  # names of the kernels tuned into a database, to skip it cheaply
 
 
@@ -138,13 +139,12 @@ def tune_model(model: str | os.PathLike, target: str, trials: int, log_dir: str 
     """Tune `model` for `target` until `log_dir` holds `trials` measured trials in all.
 
     Candidates run here, or with `rpc_tracker` on the boards registered under `rpc_key`
-    (built here, cross-linked for the board). `kernels="abc"` tunes only the ABC kernels:
-    on a small budget MetaSchedule's generic search does not beat the hand-written float
-    schedule (ResNet-18, 300 trials over 22 tasks: the stem conv 1.16 ms tuned vs 1.05 ms
-    default, 1 thread), so the budget is better spent where the custom rules search.
+    (built here, cross-linked for the board). `kernels` picks the tasks: "abc" (the binary
+    kernels), "float" (the rest: convs, dense layers and pools search the register tile with
+    `schedules.float_tune`'s rule, other float ops MetaSchedule's generic rules) or "all".
     """
-    if kernels not in ("all", "abc"):
-        raise UserError(f"--kernels must be 'all' or 'abc' (got {kernels!r})")
+    if kernels not in KERNEL_SETS:
+        raise UserError(f"--kernels must be one of {', '.join(KERNEL_SETS)} (got {kernels!r})")
     if trials < 1:
         raise UserError(f"--trials must be at least 1 (got {trials})")
     spec = targets.resolve(target)
@@ -173,8 +173,8 @@ def tune_model(model: str | os.PathLike, target: str, trials: int, log_dir: str 
     ms_log.setLevel(logging.WARNING)
     ms_log.handlers = [h for h in ms_log.handlers if h.get_name()]
     extracted = extract(model, spec)
-    if kernels == "abc":
-        extracted = [t for t in extracted if t.task_name.startswith("abc_")]
+    if kernels != "all":
+        extracted = [t for t in extracted if t.task_name.startswith("abc_") == (kernels == "abc")]
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         extracted, str(log_dir), num_threads="physical")
     if not contexts:

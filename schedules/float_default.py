@@ -8,6 +8,8 @@ vectorised. MetaSchedule tuning (`abc-tvm tune`) replaces it where a record exis
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import tvm
 from tvm import s_tir, tirx
 
@@ -117,28 +119,63 @@ def conv_block(out_channels: int, out_width: int, simd: SIMD) -> int:
     return vec * r
 
 
-def _tiled_reduction(sch: s_tir.Schedule, simd: SIMD) -> bool:
-    """Register-tile the one heavy reduction block of a function (conv, dense); False if the
-    function does not have that shape (the caller then uses the simple schedule)."""
+@dataclass(frozen=True)
+class TileKnobs:
+    """What the register tile leaves open: the default picks each from the register file;
+    `float_tune`'s MetaSchedule rule offers the others (an int, or a drawn `unroll`)."""
+
+    vectors: int  # weight vectors (of the SIMD width) per tile
+    pixels: int  # output pixels per tile
+    pad_apart: bool  # a conv's padding as a stage of its own rather than inlined
+    unroll: int | s_tir.schedule.ExprRV = UNROLL
+
+
+def tile_site(sch: s_tir.Schedule) -> tuple[s_tir.SBlockRV, int, int, bool] | None:
+    """(the reduction, its output channels, its output pixels per row, whether it is a conv)
+    of a function the register tile applies to: one reduction block, an innermost output
+    axis of at least 8 channels; None otherwise."""
     root = sch.get_sblock("root")
-    blocks = sch.get_child_blocks(root)
-    reductions = [b for b in blocks if _spatial_reduce(sch, b) is not None]
+    reductions = [b for b in sch.get_child_blocks(root) if _spatial_reduce(sch, b) is not None]
     if len(reductions) != 1:
-        return False
+        return None
     red = reductions[0]
-    spatial, reduce_ = _spatial_reduce(sch, red)
+    spatial, _ = _spatial_reduce(sch, red)
     channels = _extent(sch, spatial[-1])
     if channels < 8 or len(sch.get_consumers(red)) > 1:
-        return False
-    # A conv's padding is inlined into the reduction only where its channels are fewer than
-    # a vector: the stem's 3-channel padding copies badly (3-wide rows), and its unrolled
-    # 3-channel reduction hides the bounds test. Elsewhere the test, per multiply, costs
-    # more than the copy (float ResNet-18, 512-channel 7x7 conv: 2.5 ms inlined, 1.6 ms
-    # padded apart; 56x56x64: even). A pool (one input, no weight) keeps it inlined: its
-    # copy would cost as much as the pool (the stem's 3x3 max pool: 0.31 vs 0.75 ms).
+        return None
     is_conv = len(sch.get(red).reads) > 1  # input and weight (a pool reads one buffer)
+    return red, channels, _extent(sch, spatial[-2]), is_conv
+
+
+def default_knobs(sch: s_tir.Schedule, simd: SIMD) -> TileKnobs | None:
+    """The untuned tile of a function (None where `tile_site` refuses it).
+
+    A conv's padding is inlined into the reduction only where its channels are fewer than a
+    vector: the stem's 3-channel padding copies badly (3-wide rows), and its unrolled
+    3-channel reduction hides the bounds test. Elsewhere the test, per multiply, costs more
+    than the copy (float ResNet-18, 512-channel 7x7 conv: 2.5 ms inlined, 1.6 ms padded
+    apart; 56x56x64: even). A pool (one input, no weight) keeps it inlined: its copy would
+    cost as much as the pool (the stem's 3x3 max pool: 0.31 vs 0.75 ms).
+    """
+    site = tile_site(sch)
+    if site is None:
+        return None
+    red, channels, pixels, is_conv = site
+    _, r, px = _tile_shape(channels, pixels, simd)
+    wide = any(_channels_in(sch, p) >= simd.fp32_lanes for p in sch.get_producers(red))
+    return TileKnobs(r, px, is_conv and wide)
+
+
+def _tiled_reduction(sch: s_tir.Schedule, simd: SIMD, knobs: TileKnobs | None = None) -> bool:
+    """Register-tile the one heavy reduction block of a function (conv, dense); False if the
+    function does not have that shape (the caller then uses the simple schedule)."""
+    knobs = knobs or default_knobs(sch, simd)
+    site = tile_site(sch)
+    if site is None or knobs is None:
+        return False
+    red, channels, _, _ = site
     for producer in sch.get_producers(red):
-        if is_conv and _channels_in(sch, producer) >= simd.fp32_lanes:
+        if knobs.pad_apart:
             _parallel_simple(sch, producer)
             continue
         try:
@@ -158,8 +195,8 @@ def _tiled_reduction(sch: s_tir.Schedule, simd: SIMD) -> bool:
         except Exception:  # noqa: BLE001
             return False
     spatial, reduce_ = _spatial_reduce(sch, red)
-    pixels = _extent(sch, spatial[-2])
-    vec, r, px = _tile_shape(channels, pixels, simd)
+    vec = _tile_shape(channels, 1, simd)[0]
+    r, px = knobs.vectors, knobs.pixels
     co, cr, ci = sch.split(spatial[-1], [None, r, vec])
     xo, xi = sch.split(spatial[-2], [None, px])
     outer = spatial[:-2]
@@ -167,7 +204,7 @@ def _tiled_reduction(sch: s_tir.Schedule, simd: SIMD) -> bool:
     # 512-channel 3x3) stay in L2 over all its rows, instead of every row streaming the whole
     # weight from memory (float ResNet-18, 512-channel 7x7 layers: 16 -> 10 ms, 1 thread).
     sch.reorder(co, *outer, xo, *reduce_, xi, cr, ci)
-    sch.annotate(reduce_[0], "pragma_auto_unroll_max_step", UNROLL)
+    sch.annotate(reduce_[0], "pragma_auto_unroll_max_step", knobs.unroll)
     sch.annotate(reduce_[0], "pragma_unroll_explicit", 1)
     sch.parallel(sch.fuse(co, *outer) if outer else co)
     if chain:
@@ -175,7 +212,7 @@ def _tiled_reduction(sch: s_tir.Schedule, simd: SIMD) -> bool:
         epilogue = chain[0]
     else:
         epilogue = sch.cache_write(red, 0, "local")
-    sch.reverse_compute_at(epilogue, xo)
+    sch.reverse_compute_at(epilogue, xo, preserve_unit_loops=True)  # a fixed loop count
     tail = sch.get_loops(epilogue)[-1]
     _, tv = sch.split(tail, [None, vec])
     sch.vectorize(tv)

@@ -153,7 +153,7 @@ def test_tune_cli_bad_input_is_one_line(tiny, tmp_path, capsys):
     assert cli(["tune", str(path), "--trials", "0", "--log", str(tmp_path / "l")]) == 2
     assert "--trials must be at least 1" in capsys.readouterr().err
     with pytest.raises(UserError, match="--kernels must be"):
-        tuning.tune_model(path, "x86", 1, tmp_path / "l", kernels="float")
+        tuning.tune_model(path, "x86", 1, tmp_path / "l", kernels="bogus")
     assert cli(["compile", str(path), "-o", str(tmp_path / "m.so"),
                 "--tuning-log", str(tmp_path / "nothing")]) == 2
     assert "holds no MetaSchedule database" in capsys.readouterr().err
