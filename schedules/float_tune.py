@@ -21,6 +21,7 @@ from ._util import SIMD, simd_of
 
 RULE = "abc_float_tile"
 UNROLL_CANDIDATES = [0, 16, 64]
+CHUNK_CANDIDATES = [1, 2, 4, 8]  # input channels per chunk, where the default chunks
 MAX_VECTORS = 4  # weight vectors per tile the search draws from
 MAX_PIXELS = 16  # output pixels per tile the search draws from
 
@@ -38,11 +39,12 @@ def tile_candidates(channels: int, pixels: int, simd: SIMD) -> tuple[list[int], 
 
 
 def float_tile_rule(sch: s_tir.Schedule, _block: s_tir.SBlockRV) -> list[s_tir.Schedule]:
-    """`s_tir.meta_schedule.cpu.abc_float_tile`: three design spaces, as the ABC conv rule.
+    """`s_tir.meta_schedule.cpu.abc_float_tile`: the design spaces of a tiled function.
 
-    The tile's vectors, pixels and unroll drawn; the default tile fixed (no draw, so it is
-    among the first candidates measured and a tuned record cannot be slower than it beyond
-    noise); and, for a padded conv, the default tile with the padding placed the other way.
+    The tile's vectors, pixels, unroll (and chunk, where the default chunks) drawn; the
+    default tile fixed (no draw, so it is among the first candidates measured and a tuned
+    record cannot be slower than it beyond noise); and for a conv, the default with the
+    padding placed the other way and with the input channels chunked the other way.
     """
     simd = simd_of()
     default = fd.default_knobs(sch, simd)
@@ -50,14 +52,21 @@ def float_tile_rule(sch: s_tir.Schedule, _block: s_tir.SBlockRV) -> list[s_tir.S
         return [sch]
     red, channels, pixels, is_conv = fd.tile_site(sch)
     padded = is_conv and bool(sch.get_producers(red))
+    spatial, reduce_ = fd._spatial_reduce(sch, red)
+    channels_in = int(sch.get(reduce_[-1]).extent)
+    is_conv = is_conv and len(spatial) == 4  # [n, y, x, o], not a dense layer
     fixed, drawn = sch.copy(), sch.copy()
     spaces = [(fixed, default)]
     vectors, pixel_counts = tile_candidates(channels, pixels, simd)
+    chunk = default.chunk and _draw(drawn, [c for c in CHUNK_CANDIDATES
+                                            if c == default.chunk or channels_in % c == 0])
     spaces.append((drawn, replace(default, vectors=_draw(drawn, vectors),
                                   pixels=_draw(drawn, pixel_counts),
-                                  unroll=_draw(drawn, UNROLL_CANDIDATES))))
+                                  unroll=_draw(drawn, UNROLL_CANDIDATES), chunk=chunk)))
     if padded:
         spaces.append((sch.copy(), replace(default, pad_apart=not default.pad_apart)))
+    if is_conv and channels_in % fd.CHUNK == 0:
+        spaces.append((sch.copy(), replace(default, chunk=0 if default.chunk else fd.CHUNK)))
     return [space for space, knobs in spaces if fd._tiled_reduction(space, simd, knobs)] or [sch]
 
 

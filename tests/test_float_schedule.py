@@ -168,3 +168,59 @@ def test_float_only_model_runs_nhwc_and_matches_ort(tmp_path, ort_run, max_rel_e
     compile_model(model, "x86", tmp_path / "f.so", quiet=True)
     x = rng.normal(0, 1, (2, 3, 16, 16)).astype(np.float32)
     assert max_rel_err(load(tmp_path / "f.so", workers=1)(x), ort_run(model, x)) < 1e-5
+
+
+@pytest.mark.parametrize(("stride", "residual"), [(1, True), (2, False)])
+def test_chunked_conv_matches_ort(tmp_path, ort_run, max_rel_err, stride, residual):
+    """Few output pixels, large weights: the input channels are chunked outside the rows
+    (`float_default._chunked`), bias / residual / ReLU applied after the last chunk."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from abc_tvm.compiler import compile_model
+    from abc_tvm.runtime import load
+    from abc_tvm.schedules import float_conv
+
+    c, o, hw = 128, 64, 8
+    out = hw // stride
+    rng = np.random.default_rng(3)
+    host = tvm.target.Target.from_device("cpu")
+    block = fd.conv_block(o, out, fd.simd_of(host))
+    func = float_conv.conv_func((1, hw, hw, c), (o // block, 3, 3, c, block), (stride,) * 2,
+                                (1, 1, 1, 1), (out, out))
+    assert fd.default_knobs(tvm.s_tir.Schedule(func), fd.simd_of(host)).chunk == fd.CHUNK
+    # the kernel alone, against NumPy: chunked (the chunk loop sits above the rows)
+    stem = _stem(h=hw, w=hw, cin=c, cout=o, k=3, stride=stride)
+    sch = tvm.s_tir.Schedule(stem)
+    assert fd._tiled_reduction(sch, fd.simd_of(host))
+    update = max(sch.get_child_blocks(sch.get_sblock("root")),
+                 key=lambda blk: len(sch.get_loops(blk)))
+    extents = [int(sch.get(lp).extent) for lp in sch.get_loops(update)]
+    # [co blocks, chunks, rows, pixel tiles, ry, rx, chunk, pixels, vectors, lanes]
+    assert extents[1:3] == [c // fd.CHUNK, out] and extents[6] == fd.CHUNK, extents
+    lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target=host)
+    xs = rng.standard_normal((1, hw, hw, c)).astype(np.float32)
+    wt = rng.standard_normal((3, 3, c, o)).astype(np.float32)
+    b = rng.standard_normal((1, 1, 1, o)).astype(np.float32)
+    dev = tvm.cpu()
+    y = tvm.runtime.tensor(np.zeros((1, out, out, o), np.float32), dev)
+    lib["main"](*(tvm.runtime.tensor(a, dev) for a in (xs, wt, b)), y)
+    np.testing.assert_allclose(y.numpy(), _numpy_stem(xs, wt, b, stride), rtol=1e-4, atol=1e-3)
+    # and in a model, with the epilogue fused, against ONNX Runtime
+    inits = [numpy_helper.from_array(rng.normal(0, 0.1, (o, c, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(0, 1, o).astype(np.float32), "b")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, hw, hw])]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["a"], pads=[1, 1, 1, 1],
+                              strides=[stride, stride])]
+    if residual:
+        inputs.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, [1, o, out, out]))
+        nodes.append(helper.make_node("Add", ["a", "s"], ["a2"]))
+    nodes.append(helper.make_node("Relu", ["a2" if residual else "a"], ["y"]))
+    g = helper.make_graph(nodes, "g", inputs[:1], [helper.make_tensor_value_info(
+        "y", TensorProto.FLOAT, [1, o, out, out])], inits)
+    if residual:  # the residual is a constant input here: a second graph input is not needed
+        g.initializer.append(numpy_helper.from_array(
+            rng.normal(0, 1, (1, o, out, out)).astype(np.float32), "s"))
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    compile_model(model, "x86", tmp_path / "c.so", quiet=True)
+    x = rng.normal(0, 1, (1, c, hw, hw)).astype(np.float32)
+    assert max_rel_err(load(tmp_path / "c.so", workers=1)(x), ort_run(model, x)) < 1e-5
