@@ -314,6 +314,8 @@ def schedule_func(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFu
             pass
     sch = s_tir.Schedule(func)
     root = sch.get_sblock("root") if _has_root(sch) else None
+    if root is not None:
+        _inline_elementwise(sch, root)
     blocks = sch.get_child_blocks(root) if root is not None else []
     for block in blocks:
         try:
@@ -323,6 +325,33 @@ def schedule_func(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFu
         except Exception:  # noqa: BLE001 - an unusual block keeps its serial loops
             continue
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _spatial_only(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> bool:
+    return all(iv.iter_type == 0 for iv in sch.get(block).iter_vars)
+
+
+def _selects(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> bool:
+    """A block that picks between sources per element (concat, pad): inlined, every use
+    repeats the pick across the vector's lanes (ReActNet's concat + RPReLU: 1.38 ms
+    inlined, 0.79 ms with the concat apart and the rest inlined)."""
+    return "if_then_else" in str(sch.get(block).body)
+
+
+def _inline_elementwise(sch: s_tir.Schedule, root: s_tir.SBlockRV) -> None:
+    """Inline each spatial block whose consumers are all spatial into them: a fused chain
+    (concat, bias, PReLU, residual add) then makes one pass over memory instead of one per
+    op (ReActNet's concat + RPReLU at 112x112x64: four passes, 1.06 ms against ORT's 0.24
+    ms concat). A reduction (pool, mean) keeps its producers as stages."""
+    for block in sch.get_child_blocks(root)[:-1]:
+        consumers = sch.get_consumers(block)
+        if not consumers or not _spatial_only(sch, block) \
+                or not all(_spatial_only(sch, c) for c in consumers) or _selects(sch, block):
+            continue
+        try:
+            sch.compute_inline(block)
+        except Exception:  # noqa: BLE001 - e.g. it writes a function output: stays a stage
+            continue
 
 
 def _has_root(sch: s_tir.Schedule) -> bool:

@@ -65,6 +65,34 @@ def test_straight_through_near_miss_other_operand():
 
 # ------------------------------------------------------------------ fold_constants
 
+@pytest.mark.parametrize("op", ["Add", "Mul"])
+def test_expand_as_reads_the_constant(op):
+    """`x + b.expand_as(x)` (ReActNet's learnable bias): the op reads b [1, C, 1, 1], not a
+    folded constant of x's full size; an Expand to another tensor's shape is left."""
+    b = np.arange(1, 5, dtype=np.float32).reshape(1, 4, 1, 1)
+    m = model([helper.make_node("Relu", ["x"], ["r"]),
+               helper.make_node("Shape", ["r"], ["s"]),
+               helper.make_node("Expand", ["b", "s"], ["e"]),
+               helper.make_node(op, ["e", "r"], ["y"]),
+               helper.make_node("Shape", ["x"], ["s2"]),
+               helper.make_node("Expand", ["b", "s2"], ["e2"]),
+               helper.make_node("Add", ["r", "e2"], ["z"])],
+              [("x", [2, 4, 3, 5])], [("y", [2, 4, 3, 5]), ("z", [2, 4, 3, 5])],
+              [("b", b)])
+    out, notes = canonicalize(m)
+    assert [n.rule for n in notes].count("expand_as_broadcast") == 1
+    y_node = next(n for n in out.graph.node if n.output[0] == "y")
+    assert list(y_node.input) == ["b", "r"]
+    x = np.random.default_rng(0).normal(0, 1, (2, 4, 3, 5)).astype(np.float32)
+    r = np.maximum(x, 0)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
+    y, z = sess.run(["y", "z"], {"x": x})
+    np.testing.assert_array_equal(y, r + b if op == "Add" else r * b)
+    np.testing.assert_array_equal(z, r + b)
+
+
 def _computed_weight_model() -> onnx.ModelProto:
     """conv(x, mean|W| * sign(W)) with the weight computed at run time, as Bi-Real writes it."""
     w = np.random.default_rng(1).standard_normal((4, 3, 3, 3)).astype(np.float32)

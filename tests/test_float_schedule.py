@@ -224,3 +224,27 @@ def test_chunked_conv_matches_ort(tmp_path, ort_run, max_rel_err, stride, residu
     compile_model(model, "x86", tmp_path / "c.so", quiet=True)
     x = rng.normal(0, 1, (1, c, hw, hw)).astype(np.float32)
     assert max_rel_err(load(tmp_path / "c.so", workers=1)(x), ort_run(model, x)) < 1e-5
+
+
+def test_elementwise_chain_is_one_pass_and_a_concat_stays_a_stage():
+    """concat -> add -> relu: the add inlines into the relu (one pass over memory); the
+    concat, which picks a source per element, stays a stage of its own."""
+    a = te.placeholder((1, 4, 4, 16), "float32", name="a")
+    b = te.placeholder((1, 4, 4, 16), "float32", name="b")
+    c = te.placeholder((1, 1, 1, 32), "float32", name="c")
+    cat = topi.concatenate([a, b], axis=3)
+    y = topi.nn.relu(cat + c)
+    func = te.create_prim_func([a, b, c, y])
+    host = tvm.target.Target.from_device("cpu")
+    scheduled = fd.schedule_func(func, host)
+    sch = tvm.s_tir.Schedule(scheduled)
+    names = [sch.get(blk).name_hint for blk in sch.get_child_blocks(sch.get_sblock("root"))]
+    assert len(names) == 2 and "concat" in names[0], names
+    lib = tvm.compile(tvm.IRModule({"main": scheduled}), target=host)
+    rng = np.random.default_rng(0)
+    shapes = [(1, 4, 4, 16), (1, 4, 4, 16), (1, 1, 1, 32)]
+    xs = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros((1, 4, 4, 32), np.float32), dev)
+    lib["main"](*(tvm.runtime.tensor(v, dev) for v in xs), out)
+    np.testing.assert_array_equal(out.numpy(), np.maximum(np.concatenate(xs[:2], 3) + xs[2], 0))

@@ -2,7 +2,7 @@
 
 One pipeline, each rule small and tested on its own (`rules`), in front of the one matcher
 (`abc_tvm.pattern`): QONNX quantizers as standard ops (`qonnx`), straight-through residues
-removed, constants folded by ONNX Runtime
+removed, `expand_as` broadcasts read as the constant itself, constants folded by ONNX Runtime
 (weights computed from latent weights, shape arithmetic), near-binary weights snapped,
 conv biases split off as glue, MaxPool moved before a binarizer, binary fully-connected layers
 as 1×1 convs.
@@ -24,7 +24,7 @@ __all__ = ["Note", "canonicalize", "rules_for", "summary_lines"]
 def canonicalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Note]]:
     """The canonical model and the notes of every rule that changed it."""
     g = Graph(model)
-    notes = lower_qonnx(g) + rules.straight_through(g)
+    notes = lower_qonnx(g) + rules.straight_through(g) + rules.expand_as_broadcast(g)
     if notes:
         model = g.to_model()
     if needs_folding(model):

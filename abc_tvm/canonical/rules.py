@@ -47,6 +47,34 @@ def straight_through(g: Graph) -> list[Note]:
     return notes
 
 
+_BROADCASTING = ("Add", "Sub", "Mul", "Div")
+
+
+def expand_as_broadcast(g: Graph) -> list[Note]:
+    """`x + c.expand_as(x)` is `x + c`: Add/Sub/Mul/Div of x and Expand(c, Shape(x)) read
+    the constant c, which broadcasts the same. Folded instead, the Expand became a constant
+    of x's full size (ReActNet's learnable biases: 3.2 MB each, read by every call)."""
+    notes = []
+    for node in list(g.nodes):
+        if node.op_type not in _BROADCASTING or len(node.input) != 2:
+            continue
+        for k in (0, 1):
+            expand = g.producer(node.input[k])
+            if expand is None or expand.op_type != "Expand" or g.const(expand.input[0]) is None:
+                continue
+            shape = g.producer(expand.input[1])
+            if shape is None or shape.op_type != "Shape" or len(shape.attribute) \
+                    or shape.input[0] != node.input[1 - k]:
+                continue
+            node.input[k] = expand.input[0]
+            notes.append(Note(node.name, "expand_as_broadcast",
+                              f"{expand.output[0]} is {expand.input[0]} broadcast"))
+            break
+    if notes:
+        g.prune()
+    return notes
+
+
 def _binary_weight(w: np.ndarray) -> bool:
     """Every output channel is ±one magnitude (exactly): a binary layer's weight."""
     mag = np.abs(w.reshape(w.shape[0], -1))
