@@ -192,3 +192,20 @@ def test_a_compiled_float_net_is_profiled_and_every_conv_pairs_with_ort(tmp_path
     assert len(pool) == 1 and pool[0][1] is not None
     assert not m.ort_binary
     assert any(r[0].startswith("sum: matched (") for r in fo.rows(prof))
+
+
+def test_a_fused_elementwise_chain_is_paired_with_ort_whole_chain():
+    """`concatenate+add+prelu+add` is ORT's Concat, Add, PRelu and Add of that output (in
+    its execution order, a binarizer's Add of the same shape after them left alone)."""
+    x, y = [1, 8, 8, 16], [1, 8, 8, 32]
+    calls = [_call("fused_concatenate_add1_prelu_add1", 0.05, x, x, [1, 1, 1, 32], [32],
+                   [1, 1, 1, 32], y)]
+    nchw = [[1, 32, 8, 8]]
+    nodes = [_node("Concat", 0.02, [[1, 16, 8, 8], [1, 16, 8, 8]], nchw),
+             _node("Add", 0.03, nchw, nchw), _node("PRelu", 0.04, nchw, nchw),
+             _node("Add", 0.05, nchw, nchw), _node("Add", 0.06, nchw, nchw)]
+    m = fo.match(calls, nodes)
+    ((ours, peer),) = m.pairs
+    assert peer.label == "ORT Concat+Add+PRelu+Add"
+    assert peer.ms == pytest.approx(0.02 + 0.03 + 0.04 + 0.05)
+    assert [t.ms for t in m.ort_only] == [0.06]

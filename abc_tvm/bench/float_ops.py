@@ -185,6 +185,29 @@ def _binary_keys(op: Op) -> list[tuple]:
     return [op.key, *([("FC", b, c, o)] if h == w == kh == kw == 1 else [])]
 
 
+CHAIN_WINDOW = 6  # ORT nodes scanned past the previous one for the next op of a chain
+
+
+def _with_chain(op: Op, j: int, theirs: list[Op], taken: set[int]) -> Op:
+    """ORT's node j, with the ORT nodes of the rest of a fused elementwise chain added: a
+    kernel `concatenate+add+prelu+add` is ORT's Concat, Add, PRelu and Add of that output
+    (convs are left: ORT fuses their bias and activation itself)."""
+    kinds = [RELAX_OPS.get(o, o) for o in op.label.split("+")[1:] if o not in LAYOUT]
+    if op.macs is not None or not kinds or op.key is None:
+        return theirs[j]
+    out, ms, labels, at = op.key[-1], theirs[j].ms, [theirs[j].label], j
+    for kind in kinds:
+        nxt = next((k for k in range(at + 1, min(len(theirs), at + 1 + CHAIN_WINDOW))
+                    if k not in taken and theirs[k].key is not None
+                    and theirs[k].key[0] == kind and theirs[k].key[-1] == out), None)
+        if nxt is None:
+            break
+        taken.add(nxt)
+        ms, at = ms + theirs[nxt].ms, nxt
+        labels.append(theirs[nxt].label.removeprefix("ORT "))
+    return Op("+".join(labels), theirs[j].key, theirs[j].shape, theirs[j].macs, ms)
+
+
 @dataclass
 class Matched:
     """abc-tvm's float calls each with its ORT peer (or None), and the ORT nodes left over."""
@@ -208,9 +231,11 @@ def match(calls: list[dict], nodes: list[dict]) -> Matched:
         if kind != "float":
             continue
         j = queue[op.key].popleft() if op.key is not None and queue[op.key] else None
+        peer = None
         if j is not None:
             taken.add(j)
-        pairs.append((op, None if j is None else theirs[j]))
+            peer = _with_chain(op, j, theirs, taken)
+        pairs.append((op, peer))
     binary = {k for kind, op in ours if kind == "binary" for k in _binary_keys(op)}
     left = [t for j, t in enumerate(theirs) if j not in taken]
     return Matched(pairs, [t for t in left if t.key not in binary],
