@@ -39,24 +39,35 @@ def merge_groups(hwio: np.ndarray, groups: int, merge: int) -> np.ndarray:
     return merged.reshape(kh, kw, merge * group_in, o)
 
 
+def zero_pad_nhwc(x: te.Tensor, pads: tuple[int, int, int, int], edge: int = 0) -> te.Tensor:
+    """x zero-padded by (top, left, bottom, right) rows and columns and `edge` channels each
+    side (the banded depthwise conv's); x itself where nothing pads."""
+    batch, height, width, channels = (int(d) for d in x.shape)
+    top, left, bottom, right = pads
+    if not any(pads) and not edge:
+        return x
+
+    def _pad(n, h, ww, c):
+        bounds = [h >= top, h < height + top, ww >= left, ww < width + left]
+        if edge:  # only then: a conv's expression (its tuning records' hash) stays as it was
+            bounds += [c >= edge, c < channels + edge]
+        return tvm.tirx.if_then_else(tvm.tirx.all(*bounds),
+                                     x[n, h - top, ww - left, c - edge if edge else c],
+                                     tvm.tirx.const(0.0, x.dtype))
+
+    return te.compute(_i64(batch, height + top + bottom, width + left + right,
+                           channels + 2 * edge), _pad, name="pad")
+
+
 def conv_nhwc_blocked(x: te.Tensor, w: te.Tensor, stride: tuple[int, int],
                       pads: tuple[int, int, int, int], out_hw: tuple[int, int],
                       groups: int = 1) -> te.Tensor:
     """y[n, oy, ox, o] = Σ x_padded[n, oy*sh + ry, ox*sw + rx, c] · w[o / B, ry, rx, c, o % B];
     grouped: c runs over the group's input channels, and a block of B output channels lies
     in one group, so a tile's input is one broadcast value per step, as in the dense conv."""
-    batch, height, width, channels = (int(d) for d in x.shape)
+    batch = int(x.shape[0])
     blocks, kh, kw, group_channels, blk = (int(d) for d in w.shape)
-    top, left, bottom, right = pads
-    if any(pads):
-        def _pad(n, h, ww, c):
-            inside = tvm.tirx.all(h >= top, h < height + top, ww >= left, ww < width + left)
-            return tvm.tirx.if_then_else(inside, x[n, h - top, ww - left, c],
-                                         tvm.tirx.const(0.0, x.dtype))
-        src = te.compute(_i64(batch, height + top + bottom, width + left + right, channels),
-                         _pad, name="pad")
-    else:
-        src = x
+    src = zero_pad_nhwc(x, pads)
     ry = te.reduce_axis(_i64(0, kh), name="ry")
     rx = te.reduce_axis(_i64(0, kw), name="rx")
     rc = te.reduce_axis(_i64(0, group_channels), name="rc")

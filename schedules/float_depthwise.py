@@ -21,11 +21,10 @@ rows in parallel. The PrimFunc is kOutEWiseFusable: the bias / ReLU after it run
 from __future__ import annotations
 
 import numpy as np
-import tvm
 from tvm import s_tir, te, tirx
 
 from ._util import SIMD, divisor_at_most, has_block
-from .float_conv import OUT_EWISE_FUSABLE, _i64
+from .float_conv import OUT_EWISE_FUSABLE, _i64, zero_pad_nhwc
 
 BLOCK = "depthwise"  # the reduction block's name: what `is_depthwise` finds in a fused function
 # Output pixels per tile (one accumulator each). Measured 1 thread, Xeon AVX-512: depthwise
@@ -49,20 +48,10 @@ def band_weight(hwio: np.ndarray) -> np.ndarray:
 def depthwise_nhwc(x: te.Tensor, w: te.Tensor, stride: tuple[int, int],
                    pads: tuple[int, int, int, int], out_hw: tuple[int, int]) -> te.Tensor:
     """y[n, oy, ox, o] = Σ x_pad[n, oy*sh + ry, ox*sw + rx, o + d] · w[ry, rx, d, o]."""
-    batch, height, width, channels = (int(d) for d in x.shape)
+    batch, channels = int(x.shape[0]), int(x.shape[3])
     kh, kw, taps, _ = (int(d) for d in w.shape)
-    top, left, bottom, right = pads
     edge = taps // 2  # k - 1 zero channels each side
-    if any(pads) or edge:
-        def _pad(n, h, ww, c):
-            inside = tvm.tirx.all(h >= top, h < height + top, ww >= left, ww < width + left,
-                                  c >= edge, c < channels + edge)
-            return tvm.tirx.if_then_else(inside, x[n, h - top, ww - left, c - edge],
-                                         tvm.tirx.const(0.0, x.dtype))
-        src = te.compute(_i64(batch, height + top + bottom, width + left + right,
-                              channels + 2 * edge), _pad, name="pad")
-    else:
-        src = x
+    src = zero_pad_nhwc(x, pads, edge)
     ry = te.reduce_axis(_i64(0, kh), name="ry")
     rx = te.reduce_axis(_i64(0, kw), name="rx")
     rd = te.reduce_axis(_i64(0, taps), name="rd")
