@@ -565,3 +565,56 @@ def test_compile_bundle_without_output_writes_the_model_into_the_bundle(tmp_path
     np.testing.assert_array_equal(deploy.run_bundle(bundle, x), want)
     one_error_line(cli("compile", str(src), "--target", "arm"), "abc-tvm compile: error:",
                    "-o", "--bundle")
+
+
+def _float_net() -> onnx.ModelProto:
+    """Float only, on every NEON-sized float schedule: a 3-channel stem (padding inlined),
+    BN folded, a max pool, a 3x3 conv of 256 channels on 4x4 (input channels chunked: 72 KB
+    of weights per 8-channel NEON block), a depthwise conv (banded), a residual add, global
+    pooling and a Gemm."""
+    rng = np.random.default_rng(5)
+
+    def const(name: str, *shape: int, scale: float = 0.2) -> onnx.TensorProto:
+        return numpy_helper.from_array(rng.normal(0, scale, shape).astype(np.float32), name)
+
+    c = 256
+    inits = [const("w0", c, 3, 3, 3), const("w1", c, c, 3, 3, scale=0.03),
+             const("wd", c, 1, 3, 3), const("fc", c, 10), const("fb", 10),
+             numpy_helper.from_array(rng.uniform(0.5, 1.5, c).astype(np.float32), "s"),
+             const("b", c), const("m", c),
+             numpy_helper.from_array(rng.uniform(0.5, 2, c).astype(np.float32), "v")]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c0", "s", "b", "m", "v"], ["n0"]),
+             helper.make_node("Relu", ["n0"], ["r0"]),
+             helper.make_node("MaxPool", ["r0"], ["p0"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["p0", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["c1", "wd"], ["d1"], pads=[1, 1, 1, 1], group=c),
+             helper.make_node("Add", ["d1", "p0"], ["a1"]),
+             helper.make_node("Relu", ["a1"], ["r1"]),
+             helper.make_node("GlobalAveragePool", ["r1"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc", "fb"], ["y"])]
+    g = helper.make_graph(nodes, "float_net",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_float_net_under_qemu_matches_ort(tmp_path, ort_run, max_rel_err):
+    """The float path's NEON schedules (register tile sized for 32 q registers, chunked
+    conv, banded depthwise) run on aarch64 and give ONNX Runtime's answer."""
+    if not (CROSS and QEMU):
+        pytest.skip("qemu-aarch64 or g++-aarch64-linux-gnu missing: `make setup` installs them")
+    from abc_tvm.schedules import float_conv
+    from abc_tvm.schedules import float_default as fd
+    from abc_tvm.schedules._util import NEON_A64
+
+    block = fd.conv_block(256, 4, NEON_A64)  # the 3x3 256-channel conv chunks on NEON
+    conv = float_conv.conv_func((1, 4, 4, 256), (256 // block, 3, 3, 256, block), (1, 1),
+                                (1, 1, 1, 1), (4, 4))
+    assert fd.default_knobs(tvm.s_tir.Schedule(conv), NEON_A64).chunk == fd.CHUNK
+    model = _float_net()
+    bundle = tmp_path / "bundle"
+    _compile(model, tmp_path, "arm", bundle)
+    x = np.random.default_rng(6).normal(0, 1, (1, 3, 8, 8)).astype(np.float32)
+    assert max_rel_err(deploy.run_bundle(bundle, x), ort_run(model, x)) < 1e-5
