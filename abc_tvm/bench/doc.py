@@ -58,8 +58,8 @@ def doc_section(results: dict, doc_path: Path | None, plot: Path | None) -> str:
              "(inference_mode), and TVM fp32 = the twin's ONNX through `compile_model` with "
              "its default float schedule, "
              + ("tuned with the given log." if meta.get("tuning_log") else
-                "**untuned** (no tuning log given; shipped databases applied: "
-                + _tuning_note(results, ["float_twin"]) + "). abc-tvm models: compiled as "
+                "**untuned** (compiled with no tuning database, shipped ones included). "
+                "abc-tvm models: compiled as "
                 "`abc-tvm compile` does, with the shipped tuning databases that match their "
                 "kernels: " + _tuning_note(results, None) + "."),
              "- Timing: each peer warmed up, then "

@@ -131,7 +131,8 @@ def _job_compile(job: dict) -> dict:
 
     for old in so.parent.glob(f"{job['name']}-*.so*"):  # earlier keys of the same model
         old.unlink()
-    kwargs = {"tuning_log": job["tuning_log"]} if job.get("tuning_log") else {}
+    log = job.get("tuning_log")
+    kwargs = {"tuning_log": log} if log or log is False else {}
     t0 = time.perf_counter()
     with quiet_stdio():
         report = compile_model(job["onnx"], job.get("target", "x86"), so, quiet=True, **kwargs)

@@ -160,9 +160,12 @@ def collect(cfg: Config) -> dict:
         for name, info in exported["models"].items():
             key = f"{info['key']}-{src}-{cfg.target}"
             so = comp_dir / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.so"
+            # The float twin is the untuned float row: no shipped database (the zoo's float
+            # records would match its stem) unless --tuning-log names one.
+            log = str(cfg.tuning_log) if cfg.tuning_log else (False if name == "float_twin"
+                                                              else None)
             job = {"kind": "compile", "name": name, "onnx": info["onnx"], "so": str(so),
-                   "key": key, "tuning_log": str(cfg.tuning_log) if cfg.tuning_log else None,
-                   "target": cfg.target}
+                   "key": key, "tuning_log": log, "target": cfg.target}
             compiled[name] = runner.run(f"compile-{name}", job)
             if "error" in compiled[name]:
                 runner.note(f"compile {name} failed: {compiled[name]['error']}")
