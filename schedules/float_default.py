@@ -230,10 +230,12 @@ def _tiled_reduction(sch: s_tir.Schedule, simd: SIMD, knobs: TileKnobs | None = 
     # Output-channel blocks outermost: one block's weights (KH*KW*C*tile floats; 590 KB for a
     # 512-channel 3x3) stay in L2 over all its rows, instead of every row streaming the whole
     # weight from memory (float ResNet-18, 512-channel 7x7 layers: 16 -> 10 ms, 1 thread).
-    sch.reorder(co, *outer, xo, *reduce_, xi, cr, ci)
+    # A pool has no weight: its rows go outermost, so each input row is read whole, once.
+    tasks = [co, *outer] if site[3] else [*outer, co]
+    sch.reorder(*tasks, xo, *reduce_, xi, cr, ci)
     sch.annotate(reduce_[0], "pragma_auto_unroll_max_step", knobs.unroll)
     sch.annotate(reduce_[0], "pragma_unroll_explicit", 1)
-    sch.parallel(sch.fuse(co, *outer) if outer else co)
+    sch.parallel(sch.fuse(*tasks) if outer else co)
     if chain:
         sch.set_scope(red, 0, "local")
         epilogue = chain[0]
