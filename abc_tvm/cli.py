@@ -167,15 +167,8 @@ _TARGET_HELP = ("x86 (this CPU) | x86-64-v2 | x86-64-v3 (AVX2) | x86-64-v4 (AVX-
 
 def version_text() -> str:
     """abc-tvm's version, the TVM it compiles with, and what this CPU popcounts with."""
-    from importlib import metadata
-
     from abc_tvm.hostcpu import host_cpu
-
-    def of(pkg: str) -> str:
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return "not installed"
+    from abc_tvm.hostcpu import package_version as of
 
     cpu = host_cpu()
     return (f"abc-tvm {of('abc-tvm')}\n"

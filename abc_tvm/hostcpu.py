@@ -1,4 +1,5 @@
-"""This machine's CPU, as Linux reports it: the one place that reads /proc/cpuinfo.
+"""This machine's CPU, as Linux reports it (the one place that reads /proc/cpuinfo), and
+the versions of the packages installed on it.
 
 `abc-tvm --version` says from it whether binary kernels have a fast popcount here, and the
 benchmarks record it beside their figures.
@@ -50,3 +51,13 @@ def host_cpu(cpuinfo: str | Path | None = None) -> HostCPU:
             elif key in ("flags", "Features") and not flags:
                 flags = frozenset(value.split())
     return HostCPU(model, flags, platform.machine())
+
+
+def package_version(pkg: str, missing: str = "not installed") -> str:
+    """The installed version of a distribution (what `--version` and the bench report)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return missing

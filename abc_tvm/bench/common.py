@@ -244,18 +244,13 @@ def max_rel_err(y: Any, ref: Any) -> float:
 
 def machine_info() -> dict:
     """CPU model, popcount support, core count, library versions."""
-    from importlib import metadata
-
-    from abc_tvm.hostcpu import host_cpu
+    from abc_tvm.hostcpu import host_cpu, package_version
 
     cpu = host_cpu()
     model, flags = cpu.model, cpu.flags
 
     def version(pkg: str) -> str:
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return "-"
+        return package_version(pkg, "-")
 
     return {
         "cpu": model, "cores": os.cpu_count(),
