@@ -119,6 +119,17 @@ class TuneResult:
     trials_run: int
 
 
+def quiet_ms_logging() -> None:
+    """Before MetaSchedule tunes: its per-round INFO lines would bury the progress bar, so
+    the console gets warnings only (the full logs stay in LOG_DIR/logs). Its logger set-up
+    names every handler already on its logger and fails on an unnamed one (seen under pytest,
+    when a test tunes after another in one process): those are dropped, MetaSchedule adds
+    its own."""
+    ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
+    ms_log.setLevel(logging.WARNING)
+    ms_log.handlers = [h for h in ms_log.handlers if h.get_name()]
+
+
 def extract(model: str | os.PathLike, spec: targets.TargetSpec) -> list:
     """The tuning tasks of a model: every PrimFunc of its rewritten, legalized Relax module
     (the ABC kernels and the float ops), exactly as `compile` will look them up."""
@@ -165,13 +176,7 @@ def tune_model(model: str | os.PathLike, target: str, trials: int, log_dir: str 
         if not quiet:
             print(f"{log_dir} already holds {before} trials (asked for {trials}): nothing to do")
         return TuneResult(log_dir, 0, before, 0)
-    # MetaSchedule's per-round INFO lines would bury the progress bar: the console gets
-    # warnings only; the full logs stay in LOG_DIR/logs. Its logger set-up names every
-    # handler already on its logger and fails on an unnamed one (seen when the test suite
-    # tunes twice in one process): those are dropped, MetaSchedule installs its own.
-    ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
-    ms_log.setLevel(logging.WARNING)
-    ms_log.handlers = [h for h in ms_log.handlers if h.get_name()]
+    quiet_ms_logging()
     extracted = extract(model, spec)
     if kernels != "all":
         extracted = [t for t in extracted if t.task_name.startswith("abc_") == (kernels == "abc")]

@@ -14,7 +14,7 @@ from tvm import te
 from tvm.s_tir import meta_schedule as ms
 
 from abc_tvm import reference as ref
-from abc_tvm import rpc, schedules, targets
+from abc_tvm import rpc, schedules, targets, tuning
 from abc_tvm.errors import UserError
 
 HOST = tvm.target.Target.from_device("cpu")
@@ -59,6 +59,7 @@ def test_metaschedule_tunes_over_rpc(loopback, tmp_path):
     target = tvm.target.Target({**HOST.export(), "num-cores": 1})
     database = ms.database.MemoryDatabase()
     builder = rpc.builder_for(targets.resolve("x86"), in_process=True)
+    tuning.quiet_ms_logging()  # another test may have tuned in this process before
     ms.tune_tir(mod=_matmul(), target=target, work_dir=str(tmp_path), max_trials_global=6,
                 num_trials_per_iter=3, builder=builder,
                 runner=runner, database=database, cost_model="random",
