@@ -94,13 +94,19 @@ def _divisor(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
+def vector_width(channels: int, simd: SIMD) -> int:
+    """Lanes of the tile's output-channel vector: the widest that divides the channels."""
+    lanes = simd.fp32_lanes
+    return next((v for v in (lanes, 8, 4) if v <= lanes and channels % v == 0), 1)
+
+
 def _tile_shape(channels: int, pixels: int, simd: SIMD) -> tuple[int, int, int]:
     """(vector lanes, vectors, pixels) of the accumulator tile: as many accumulators as
     `accumulators(simd)` allows; among equals, PREFERRED_VECTORS weight vectors (the AVX2
     stem: 2 x 4 ymm 3.5 ms, 4 x 2 5.5 ms, 8 x 1 5.5 ms, 1 x 8 5.7 ms). One output pixel
     (a dense layer at batch 1) takes as many vectors as fit."""
-    lanes, budget = simd.fp32_lanes, accumulators(simd)
-    vec = next((v for v in (lanes, 8, 4) if v <= lanes and channels % v == 0), 1)
+    budget = accumulators(simd)
+    vec = vector_width(channels, simd)
     vectors_max = channels // vec
 
     def score(tile: tuple[int, int]) -> tuple[int, int, int]:
@@ -133,9 +139,9 @@ class TileKnobs:
 
 
 def tile_site(sch: s_tir.Schedule) -> tuple[s_tir.SBlockRV, int, int, bool] | None:
-    """(the reduction, its output channels, its output pixels per row, whether it is a conv)
-    of a function the register tile applies to: one reduction block, an innermost output
-    axis of at least 8 channels; None otherwise."""
+    """(the reduction, its output channels, its output pixels per row, whether it reads a
+    weight: a conv or dense layer, not a pool) of a function the register tile applies to:
+    one reduction block, an innermost output axis of at least 8 channels; None otherwise."""
     root = sch.get_sblock("root")
     reductions = [b for b in sch.get_child_blocks(root) if _spatial_reduce(sch, b) is not None]
     if len(reductions) != 1:
@@ -145,8 +151,8 @@ def tile_site(sch: s_tir.Schedule) -> tuple[s_tir.SBlockRV, int, int, bool] | No
     channels = _extent(sch, spatial[-1])
     if channels < 8 or len(sch.get_consumers(red)) > 1:
         return None
-    is_conv = len(sch.get(red).reads) > 1  # input and weight (a pool reads one buffer)
-    return red, channels, _extent(sch, spatial[-2]), is_conv
+    weighted = len(sch.get(red).reads) > 1  # input and weight (a pool reads one buffer)
+    return red, channels, _extent(sch, spatial[-2]), weighted
 
 
 def default_knobs(sch: s_tir.Schedule, simd: SIMD) -> TileKnobs | None:
@@ -160,13 +166,15 @@ def default_knobs(sch: s_tir.Schedule, simd: SIMD) -> TileKnobs | None:
     cost as much as the pool (the stem's 3x3 max pool: 0.31 vs 0.75 ms).
     """
     site = tile_site(sch)
-    if site is None:
-        return None
-    red, channels, pixels, is_conv = site
+    return None if site is None else _knobs_at(sch, site, simd)
+
+
+def _knobs_at(sch: s_tir.Schedule, site: tuple, simd: SIMD) -> TileKnobs:
+    red, channels, pixels, weighted = site
     vec, r, px = _tile_shape(channels, pixels, simd)
     wide = any(_channels_in(sch, p) >= simd.fp32_lanes for p in sch.get_producers(red))
-    return TileKnobs(r, px, is_conv and wide, chunk=_default_chunk(sch, red, vec * r)
-                     if is_conv else 0)
+    return TileKnobs(r, px, weighted and wide, chunk=_default_chunk(sch, red, vec * r)
+                     if weighted else 0)
 
 
 CHUNK = 2  # input channels per chunk (7x7x512, cold weights: 2 and 4 best, 1 and 8+ slower)
@@ -192,11 +200,11 @@ def _default_chunk(sch: s_tir.Schedule, red: s_tir.SBlockRV, block_channels: int
 def _tiled_reduction(sch: s_tir.Schedule, simd: SIMD, knobs: TileKnobs | None = None) -> bool:
     """Register-tile the one heavy reduction block of a function (conv, dense); False if the
     function does not have that shape (the caller then uses the simple schedule)."""
-    knobs = knobs or default_knobs(sch, simd)
     site = tile_site(sch)
-    if site is None or knobs is None:
+    if site is None:
         return False
-    red, channels, _, _ = site
+    knobs = knobs or _knobs_at(sch, site, simd)
+    red, channels, _, weighted = site
     for producer in sch.get_producers(red):
         if knobs.pad_apart:
             _parallel_simple(sch, producer)
@@ -218,7 +226,7 @@ def _tiled_reduction(sch: s_tir.Schedule, simd: SIMD, knobs: TileKnobs | None = 
         except Exception:  # noqa: BLE001
             return False
     spatial, reduce_ = _spatial_reduce(sch, red)
-    vec = _tile_shape(channels, 1, simd)[0]
+    vec = vector_width(channels, simd)
     r, px = knobs.vectors, knobs.pixels
     co, cr, ci = sch.split(spatial[-1], [None, r, vec])
     xo, xi = sch.split(spatial[-2], [None, px])
@@ -231,10 +239,8 @@ def _tiled_reduction(sch: s_tir.Schedule, simd: SIMD, knobs: TileKnobs | None = 
     # 512-channel 3x3) stay in L2 over all its rows, instead of every row streaming the whole
     # weight from memory (float ResNet-18, 512-channel 7x7 layers: 16 -> 10 ms, 1 thread).
     # A pool has no weight: its rows go outermost, so each input row is read whole, once.
-    tasks = [co, *outer] if site[3] else [*outer, co]
+    tasks = [co, *outer] if weighted else [*outer, co]
     sch.reorder(*tasks, xo, *reduce_, xi, cr, ci)
-    sch.annotate(reduce_[0], "pragma_auto_unroll_max_step", knobs.unroll)
-    sch.annotate(reduce_[0], "pragma_unroll_explicit", 1)
     sch.parallel(sch.fuse(*tasks) if outer else co)
     if chain:
         sch.set_scope(red, 0, "local")
@@ -242,9 +248,7 @@ def _tiled_reduction(sch: s_tir.Schedule, simd: SIMD, knobs: TileKnobs | None = 
     else:
         epilogue = sch.cache_write(red, 0, "local")
     sch.reverse_compute_at(epilogue, xo, preserve_unit_loops=True)  # a fixed loop count
-    tail = sch.get_loops(epilogue)[-1]
-    _, tv = sch.split(tail, [None, vec])
-    sch.vectorize(tv)
+    _vectorize_tail(sch, epilogue, vec)
     # The tile's loops in the epilogue unrolled: every read of the accumulator buffer is at a
     # constant index, so LLVM keeps the tile in registers. A rolled loop reads it at a
     # variable index, which pins the buffer to the stack, and then every FMA of the
@@ -253,11 +257,26 @@ def _tiled_reduction(sch: s_tir.Schedule, simd: SIMD, knobs: TileKnobs | None = 
     at = next(i for i, lp in enumerate(loops) if sch.get(lp).same_as(sch.get(xo)))
     for loop in loops[at + 1:-1]:
         sch.unroll(loop)
+    _register_tile(sch, reduce_[0], knobs.unroll, (ci, cr, xi))
+    sch.decompose_reduction(red, reduce_[0])
+    return True
+
+
+def _vectorize_tail(sch: s_tir.Schedule, block: s_tir.SBlockRV, vec: int) -> None:
+    """The epilogue's innermost (channel) loop in vectors of the tile's width."""
+    _, tv = sch.split(sch.get_loops(block)[-1], [None, vec])
+    sch.vectorize(tv)
+
+
+def _register_tile(sch: s_tir.Schedule, reduction: s_tir.LoopRV, unroll, tile: tuple) -> None:
+    """The reduction's unroll budget; the tile's lanes vectorised, its vectors and pixels
+    unrolled (their accumulators in registers)."""
+    ci, cr, xi = tile
+    sch.annotate(reduction, "pragma_auto_unroll_max_step", unroll)
+    sch.annotate(reduction, "pragma_unroll_explicit", 1)
     sch.vectorize(ci)
     sch.unroll(cr)
     sch.unroll(xi)
-    sch.decompose_reduction(red, reduce_[0])
-    return True
 
 
 def _chunked(sch: s_tir.Schedule, red: s_tir.SBlockRV, chain: list, knobs: TileKnobs,
@@ -272,18 +291,12 @@ def _chunked(sch: s_tir.Schedule, red: s_tir.SBlockRV, chain: list, knobs: TileK
     n, y = outer
     rco, rci = sch.split(reduce_[-1], [None, knobs.chunk])
     sch.reorder(co, n, rco, y, xo, *reduce_[:-1], rci, xi, cr, ci)
-    sch.annotate(reduce_[0], "pragma_auto_unroll_max_step", knobs.unroll)
-    sch.annotate(reduce_[0], "pragma_unroll_explicit", 1)
     block = sch.fuse(co, n)
     sch.parallel(block)
     if chain:
         sch.reverse_compute_at(chain[0], block, preserve_unit_loops=True)
-        tail = sch.get_loops(chain[0])[-1]
-        _, tv = sch.split(tail, [None, vec])
-        sch.vectorize(tv)
-    sch.vectorize(ci)
-    sch.unroll(cr)
-    sch.unroll(xi)
+        _vectorize_tail(sch, chain[0], vec)
+    _register_tile(sch, reduce_[0], knobs.unroll, (ci, cr, xi))
     sch.decompose_reduction(red, rco)
 
 

@@ -33,7 +33,7 @@ def _draw(sch: s_tir.Schedule, candidates: list[int]) -> s_tir.schedule.ExprRV:
 def tile_candidates(channels: int, pixels: int, simd: SIMD) -> tuple[list[int], list[int]]:
     """The vectors and pixels a tile may take: divisors, so no tile needs a predicate. They
     are drawn independently; a pair that spills measures slow and the cost model learns it."""
-    vectors = channels // fd._tile_shape(channels, 1, simd)[0]
+    vectors = channels // fd.vector_width(channels, simd)
     return ([r for r in range(1, min(vectors, MAX_VECTORS) + 1) if vectors % r == 0],
             [p for p in range(1, min(pixels, MAX_PIXELS) + 1) if pixels % p == 0])
 
@@ -50,11 +50,11 @@ def float_tile_rule(sch: s_tir.Schedule, _block: s_tir.SBlockRV) -> list[s_tir.S
     default = fd.default_knobs(sch, simd)
     if default is None:
         return [sch]
-    red, channels, pixels, is_conv = fd.tile_site(sch)
-    padded = is_conv and bool(sch.get_producers(red))
+    red, channels, pixels, weighted = fd.tile_site(sch)
+    padded = weighted and bool(sch.get_producers(red))
     spatial, reduce_ = fd._spatial_reduce(sch, red)
     channels_in = int(sch.get(reduce_[-1]).extent)
-    is_conv = is_conv and len(spatial) == 4  # [n, y, x, o], not a dense layer
+    is_conv = weighted and len(spatial) == 4  # [n, y, x, o], not a dense layer
     fixed, drawn = sch.copy(), sch.copy()
     spaces = [(fixed, default)]
     vectors, pixel_counts = tile_candidates(channels, pixels, simd)

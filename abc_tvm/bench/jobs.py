@@ -132,7 +132,7 @@ def _job_compile(job: dict) -> dict:
     for old in so.parent.glob(f"{job['name']}-*.so*"):  # earlier keys of the same model
         old.unlink()
     log = job.get("tuning_log")
-    kwargs = {"tuning_log": log} if log or log is False else {}
+    kwargs = {"tuning_log": log} if log is not None else {}  # False: no database at all
     t0 = time.perf_counter()
     with quiet_stdio():
         report = compile_model(job["onnx"], job.get("target", "x86"), so, quiet=True, **kwargs)
