@@ -13,6 +13,7 @@ import platform
 import shlex
 import statistics
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,3 +260,37 @@ def machine_info() -> dict:
         "apache-tvm-ffi": version("apache-tvm-ffi"), "onnxruntime": version("onnxruntime"),
         "torch": version("torch"), "kernel": platform.release(),
     }
+
+
+class VmCalls:
+    """A compiled model whose every kernel call is timed (a Relax VM instrument): what the
+    binary-layer profile and the float per-op table both read."""
+
+    def __init__(self, so: str, x: Any, shapes: bool = False) -> None:
+        import tvm
+        from tvm import relax
+
+        dev = tvm.cpu()
+        self.vm = relax.VirtualMachine(tvm.runtime.load_module(so), dev)
+        self.x = tvm.runtime.tensor(x, dev)
+        self._shapes = shapes  # record argument shapes (on the next run only)
+        self._calls: list[tuple[str, float, list[list[int]]]] = []
+        self._args: list[list[int]] = []
+        self._start = 0.0
+        self.vm.set_instrument(self._instrument)
+
+    def _instrument(self, _func, symbol, before, _ret, *args) -> int:
+        if before:
+            self._args = [[int(d) for d in a.shape] for a in args
+                          if hasattr(a, "shape")] if self._shapes else []
+            self._start = time.perf_counter()
+        else:
+            self._calls.append((str(symbol), time.perf_counter() - self._start, self._args))
+        return 0
+
+    def run(self) -> list[tuple[str, float, list[list[int]]]]:
+        """One run: (symbol, seconds, argument shapes if asked) of every call, in order."""
+        self._calls = []
+        self.vm["main"](self.x)
+        self._shapes = False  # shapes do not change between runs: taken once, untimed
+        return self._calls

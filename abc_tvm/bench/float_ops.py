@@ -333,41 +333,18 @@ class _VmSide:
     """abc-tvm: the time of every kernel call of a run, best over runs, per call."""
 
     def __init__(self, so: str, x: Any) -> None:
-        import tvm
-        from tvm import relax
+        from abc_tvm.bench.common import VmCalls
 
-        dev = tvm.cpu()
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(so), dev)
-        self.x = tvm.runtime.tensor(x, dev)
+        self.timer = VmCalls(so, x, shapes=True)  # the first run's shapes, for the keys
         self.calls: list[dict] = []
-        self._first = True
-        self._run: list[tuple[str, float]] = []
-        self._shapes: list[list[list[int]]] = []
-        self._start = 0.0
-        self.vm.set_instrument(self._instrument)
-
-    def _instrument(self, _func, symbol, before, _ret, *args) -> int:
-        if before:
-            if self._first:  # first run: the shapes, for the keys (not timed)
-                self._shapes.append([[int(d) for d in a.shape] for a in args
-                                     if hasattr(a, "shape")])
-            self._start = time.perf_counter()
-        else:
-            self._run.append((str(symbol), (time.perf_counter() - self._start) * 1e3))
-        return 0
 
     def run(self) -> None:
-        self._run.clear()
-        self.vm["main"](self.x)
-        if self._first:
-            self._first = False
-            self.calls = [{"symbol": s, "shapes": sh, "ms": ms}
-                          for (s, ms), sh in zip(self._run, self._shapes, strict=True)
-                          if not s.startswith("vm.")]
-            return
-        mine = [(s, ms) for s, ms in self._run if not s.startswith("vm.")]
-        if [s for s, _ in mine] == [c["symbol"] for c in self.calls]:
-            for c, (_, ms) in zip(self.calls, mine, strict=True):
+        mine = [(s, secs * 1e3, sh) for s, secs, sh in self.timer.run()
+                if not s.startswith("vm.")]
+        if not self.calls:
+            self.calls = [{"symbol": s, "shapes": sh, "ms": ms} for s, ms, sh in mine]
+        elif [s for s, _, _ in mine] == [c["symbol"] for c in self.calls]:
+            for c, (_, ms, _) in zip(self.calls, mine, strict=True):
                 c["ms"] = min(c["ms"], ms)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from abc_tvm.bench.common import (
+    VmCalls,
     load_benchmark,
     max_rel_err,
     quiet_stdio,
@@ -295,34 +296,17 @@ def profile_kernels(so: str, xpath: str, repeat: int) -> list[dict]:
     kernel's name); a kernel named otherwise is skipped.
     """
     import numpy as np
-    import tvm
-    from tvm import relax
 
-    dev = tvm.cpu()
-    vm = relax.VirtualMachine(tvm.runtime.load_module(so), dev)
-    x = tvm.runtime.tensor(np.load(xpath), dev)
-    calls: list[tuple[str, float]] = []
-    start = [0.0]
-
-    def instrument(_func, symbol, before, _ret, *_args) -> int:
-        if before:
-            start[0] = time.perf_counter()
-        else:
-            calls.append((str(symbol), time.perf_counter() - start[0]))
-        return 0
-
-    vm.set_instrument(instrument)
-    vm["main"](x)
+    timer = VmCalls(so, np.load(xpath))
+    timer.run()  # warm-up
     best: list[dict] = []
     # At least `repeat` runs and PROFILE_MIN_S of them: the best of few runs of a 10 ms model
     # still carries a neighbour's burst on a shared machine.
     t0, runs = time.perf_counter(), 0
     while runs < repeat or (time.perf_counter() - t0 < PROFILE_MIN_S and runs < PROFILE_MAX_RUNS):
         runs += 1
-        calls.clear()
-        vm["main"](x)
         layers, pack = [], 0.0
-        for symbol, secs in calls:
+        for symbol, secs, _ in timer.run():
             if ABC_PACK.match(symbol):
                 pack += secs
                 continue
