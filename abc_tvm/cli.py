@@ -1,7 +1,8 @@
 """The `abc-tvm` command line: zoo, compile, inspect, run, tune, bench, serve.
 
 Bad input (a UserError or ValueError) becomes one line on stderr and exit code 2, never a
-traceback; heavy imports happen inside the subcommands so `--help` is instant.
+traceback; an InternalError (abc-tvm's own inconsistency) one line asking for a bug report
+and exit code 3; heavy imports happen inside the subcommands so `--help` is instant.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from abc_tvm.errors import UserError
+from abc_tvm.errors import InternalError, UserError
 
 
 def _zoo(args: argparse.Namespace) -> None:
@@ -270,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         args.func(args)
+    except InternalError as e:
+        print(f"abc-tvm {args.command}: internal error (a bug in abc-tvm, not in your model: "
+              f"please report it with the model): {e}", file=sys.stderr)
+        return 3
     except (UserError, ValueError, FileNotFoundError) as e:
         print(f"abc-tvm {args.command}: error: {e}", file=sys.stderr)
         return 2

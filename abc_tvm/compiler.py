@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import tvm
 from abc_tvm import frontend, pattern, targets
 from abc_tvm.blocks import Front, front
 from abc_tvm.canonical import Note, rules_for, summary_lines
-from abc_tvm.errors import UserError
+from abc_tvm.errors import InternalError, UserError
 from abc_tvm.relay_passes.abc_rewrite import rewrite
 
 MANIFEST_SUFFIX = ".json"
@@ -172,6 +174,21 @@ def _report(fr: Front, model_name: str, spec: targets.TargetSpec, rewritten: lis
     return report
 
 
+@contextlib.contextmanager
+def internal(stage: str, fr: Front) -> Iterator[None]:
+    """TVM failing on a module abc-tvm built is abc-tvm's bug, not the model's: its error
+    becomes an InternalError naming the stage and the model's binary blocks."""
+    try:
+        yield
+    except (RuntimeError, TypeError, AttributeError, AssertionError, KeyError) as e:
+        if isinstance(e, InternalError):
+            raise
+        names = ", ".join(b.name for b in fr.blocks[:4]) + (" ..." if len(fr.blocks) > 4 else "")
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise InternalError(f"{stage} failed ({type(e).__name__}: {first}); binary blocks: "
+                            f"{names or 'none'}") from e
+
+
 def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
                   output: str | os.PathLike, report_path: str | os.PathLike | None = None,
                   quiet: bool = False,
@@ -192,7 +209,9 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
     fr = front(model)
     proto, mod = fr.proto, fr.mod
     model_name = str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>"
-    scheduled, rewritten, misses = rewrite(mod, spec.target, spec.word_bits, blocks=fr.blocks)
+    with internal("the binary-block rewrite", fr):
+        scheduled, rewritten, misses = rewrite(mod, spec.target, spec.word_bits,
+                                               blocks=fr.blocks)
     database, dirs, applied = None, [], []
     if spec.kind == "llvm":
         from abc_tvm.tuning import find_databases, load_databases
@@ -212,8 +231,9 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
         # match; those it has none for get `fallback`, the hand-written schedule.
         fallback = {gv.name_hint: f for gv, f in scheduled.functions.items()
                     if isinstance(f, tvm.tirx.PrimFunc)}
-        mod, rewritten, misses = rewrite(mod, spec.target, spec.word_bits, tunable=True,
-                                         blocks=fr.blocks)
+        with internal("the binary-block rewrite", fr):
+            mod, rewritten, misses = rewrite(mod, spec.target, spec.word_bits, tunable=True,
+                                             blocks=fr.blocks)
     if fr.blocks and not rewritten:
         why = "; ".join(dict.fromkeys(m.reason for m in misses)) or "no reason given"
         raise UserError(f"{len(fr.blocks)} ABC block(s) found in the model but none could "
@@ -223,7 +243,7 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
     if not rewritten:
         print("abc-tvm compile: warning: no ABC convolution found; the model runs entirely in "
               "float", file=sys.stderr)
-    with tvm.transform.PassContext(opt_level=3):
+    with internal("TVM's build", fr), tvm.transform.PassContext(opt_level=3):
         ex = tvm.compile(mod, target=spec.target,
                          relax_pipeline=pipeline(spec, database, fallback, applied))
     if applied:  # name the databases only when one of their records was used

@@ -37,6 +37,9 @@ class Graph:
     def __init__(self, ops: list[Op], consts: dict[str, np.ndarray]) -> None:
         self.ops = ops
         self.consts = consts
+        # values a binarizer chain stops at: the outputs of other binary blocks (their β Mul
+        # is monotone, but it belongs to the block that computes it)
+        self.barriers: set[str] = set()
         self._producer = {o: op for op in ops for o in op.outputs}
         self._consumers: dict[str, list[Op]] = defaultdict(list)
         for op in ops:
@@ -243,14 +246,19 @@ class _Chain:
     flip: np.ndarray | None = None
 
     def abc_shift(self, *outer: tuple[str, float | None]) -> np.float32 | None:
-        """v when the chain is `outer` then [Clip](Add(X, v)) (the ABC contract), else None."""
+        """v when the chain is `outer` then [Clip](Add(h, v)) (the ABC contract), else None.
+
+        h is X or, where the chain absorbed the ops before the block (a single-reader
+        BatchNorm ahead of an N = 1 block), their output: the contract is what the model
+        wrote; the thresholds say what the kernel computes."""
         k = self.kinds
         if tuple(k[:len(outer)]) != outer:
             return None
         rest = k[len(outer):]
         if rest and rest[0][0] == "Clip":
             rest = rest[1:]
-        return np.float32(rest[0][1]) if len(rest) == 1 and rest[0][0] == "Add" else None
+        return np.float32(rest[0][1]) if rest and rest[0][0] == "Add" and rest[0][1] is not None \
+            else None
 
     def __call__(self, x):
         for f in self.steps:
@@ -264,7 +272,7 @@ def _monotone(g: Graph, h: str, channels: int | None = None) -> _Chain:
     clip, kinds, per_ch, flip = False, [], False, None
     while True:
         op = g.producer(h)
-        if op is None or len(g.consumers(h)) != 1:
+        if op is None or len(g.consumers(h)) != 1 or h in g.barriers:
             break
         if op.op == "BatchNormalization" and (bn := _onnx_batch_norm(g, op, channels)):
             scale, shift = bn
@@ -685,8 +693,8 @@ def _weight_key(g: Graph, w: str) -> object:
     return w if c is None else (c.shape, c.dtype.str, c.tobytes())
 
 
-def find_abc_blocks(g: Graph) -> tuple[list[ABCBlock], list[Miss]]:
-    """Every ABC block of the graph, and the convs that stay float with the reason."""
+def _branches(g: Graph) -> tuple[dict[str, _Branch], list[Miss]]:
+    """Every conv matched as one branch of a binary block (by its output), and the misses."""
     branches: dict[str, _Branch] = {}
     misses: list[Miss] = []
     for op in g.ops:
@@ -696,6 +704,18 @@ def find_abc_blocks(g: Graph) -> tuple[list[ABCBlock], list[Miss]]:
             branches[op.outputs[0]] = _branch(g, op)
         except _NoMatch as e:
             misses.append(Miss(op.name, op.op, str(e)))
+    return branches, misses
+
+
+def find_abc_blocks(g: Graph) -> tuple[list[ABCBlock], list[Miss]]:
+    """Every ABC block of the graph, and the convs that stay float with the reason."""
+    branches, misses = _branches(g)
+    outs = {b.out for b in branches.values()}
+    ends = {b.out: g.producer(b.out).name for b in branches.values()}
+    if any(set(b.ops) & (set(ends.values()) - {ends[b.out]}) for b in branches.values()):
+        # a chain walked into another block's output (its β Mul): match again, stopping there
+        g.barriers = outs
+        branches, misses = _branches(g)
     by_out = {b.out: b for b in branches.values()}
     keys = {b.out: (b.x, _weight_key(g, b.conv.inputs[1]), b.act, b.act_form, b.beta_position)
             for b in branches.values()}

@@ -33,6 +33,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from abc_tvm import pattern
 from abc_tvm.blocks import block_index
+from abc_tvm.errors import InternalError
 from abc_tvm.reference import pack_weights
 from abc_tvm.relay_passes import float_layout
 from abc_tvm.schedules import (
@@ -586,10 +587,12 @@ def _explicit_blocks(graph: pattern.Graph, blocks: list[pattern.ABCBlock] | None
     calls = [op for op in graph.ops if op.op == "ABCBlock"]
     if blocks is None:
         if calls:
-            raise ValueError("the module carries explicit ABC blocks: pass them (blocks=)")
+            raise InternalError("the module carries explicit ABC blocks: pass them (blocks=)")
         return None
-    if len(calls) != len(blocks):
-        raise ValueError(f"{len(blocks)} blocks given, {len(calls)} explicit block calls")
+    if len(calls) != len(blocks) or {op.attrs["index"] for op in calls} != set(range(len(blocks))):
+        lost = sorted(set(range(len(blocks))) - {op.attrs["index"] for op in calls})
+        raise InternalError(f"{len(blocks)} binary blocks matched but {len(calls)} reached Relax "
+                            f"(lost: {', '.join(blocks[i].name for i in lost) or 'none'})")
     return [dataclasses.replace(blocks[op.attrs["index"]], input=op.inputs[0],
                                 output=op.outputs[0], ops=[op.name]) for op in calls]
 

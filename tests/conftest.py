@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import numpy as np
 import onnx
 import pytest
+from hypothesis import HealthCheck, settings
 
 
 def _ort_run(model: onnx.ModelProto | str, x: np.ndarray) -> np.ndarray:
@@ -42,3 +44,12 @@ def ort_run() -> Callable[[onnx.ModelProto | str, np.ndarray], np.ndarray]:
 def max_rel_err() -> Callable[[np.ndarray, np.ndarray], float]:
     """`max_rel_err(y, ref)` = max |y − ref| / max |ref| (shapes must match)."""
     return _max_rel_err
+
+
+# The hypothesis sweeps (tests/test_forms.py): a fixed, derandomised set in CI; more locally.
+settings.register_profile("ci", max_examples=16, derandomize=True, deadline=None,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture],
+                          print_blob=True)
+settings.register_profile("local", max_examples=200, deadline=None,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture])
+settings.load_profile(os.environ.get("ABC_TVM_HYPOTHESIS", "ci"))

@@ -193,3 +193,26 @@ def test_host_cpu_reads_popcount_support(tmp_path):
         assert cpu.popcount.startswith("AVX2 without VPOPCNTDQ")
         info.write_text("flags\t: avx2 avx512f avx512_vpopcntdq\n")
         assert host_cpu(info).popcount == "fast: AVX-512 VPOPCNTDQ"
+
+
+def test_internal_failure_is_a_bug_report_not_a_user_error(tmp_path, small_model, monkeypatch,
+                                                           capsys):
+    """TVM failing on a module abc-tvm built (as the Larq exports made it) is abc-tvm's bug:
+    one line asking for a report, naming the stage and the blocks, exit 3."""
+    import tvm
+
+    from abc_tvm import cli as cli_mod
+    from abc_tvm import compiler
+
+    def broken(*_a, **_k):
+        raise tvm.error.InternalError("Check failed: Invalid SLayout: can't find S in ABCDE")
+
+    monkeypatch.setattr(compiler, "rewrite", broken)
+    rc = cli_mod.main(["compile", str(small_model), "--target", "x86", "-o",
+                       str(tmp_path / "m.so")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 3 and len(err) == 1, err
+    assert err[0].startswith("abc-tvm compile: internal error"), err
+    for words in ("please report", "binary-block rewrite", "Invalid SLayout", "/0/Conv"):
+        assert words in err[0], err
+    assert not (tmp_path / "m.so").exists()
