@@ -39,6 +39,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: ABC-ResNet-20 at 32x32, 1 thread, 2 trials, light search")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--cycle-model", action="store_true",
+                   help="ARM without a board: model each bundle's cycles on the --target board "
+                        "(rpi4 default, rpi5) from qemu block counts and llvm-mca; --models "
+                        "abc_resnet18:MxN, bireal18, reactnet_a (default: all three)")
     remote = p.add_argument_group(
         "on a board over TVM RPC (abc-tvm models and TVM's float twin, compiled here, timed "
         "there, checked against ONNX Runtime here)")

@@ -119,6 +119,20 @@ def _fallback_pass(fallback: dict[str, tvm.tirx.PrimFunc]) -> tvm.transform.Pass
     return _swap
 
 
+def kernel_signatures(mod: tvm.IRModule) -> dict[str, list[dict]]:
+    """Each compiled kernel's buffers ({shape, dtype} per parameter, in call order), by symbol:
+    what tools reading the .so without TVM (the ARM cycle model) need to know of its work."""
+    out: dict[str, list[dict]] = {}
+    for gv, func in mod.functions.items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        name = str(func.attrs["global_symbol"]) if func.attrs is not None \
+            and "global_symbol" in func.attrs else gv.name_hint
+        out[name] = [{"shape": [int(d) for d in p.shape], "dtype": str(p.dtype)}
+                     for p in func.params if hasattr(p, "shape")]
+    return out
+
+
 def sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -244,8 +258,13 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
         print("abc-tvm compile: warning: no ABC convolution found; the model runs entirely in "
               "float", file=sys.stderr)
     with internal("TVM's build", fr), tvm.transform.PassContext(opt_level=3):
-        ex = tvm.compile(mod, target=spec.target,
-                         relax_pipeline=pipeline(spec, database, fallback, applied))
+        passes = pipeline(spec, database, fallback, applied)
+        lowered = mod
+        if not isinstance(passes, str):  # lowered here, so the manifest can list the kernels
+            with spec.target:
+                lowered = passes(mod)
+        ex = tvm.compile(lowered, target=spec.target,
+                         relax_pipeline=passes if isinstance(passes, str) else None)
     if applied:  # name the databases only when one of their records was used
         report.tuning = [str(p) for p in dirs]
         report.tuned_kernels = applied
@@ -265,6 +284,7 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
             "tvm_version": tvm.__version__,
             "sha256": sha256(tmp),
             "abc_layers": report.abc_layers,
+            "kernels": kernel_signatures(lowered),
         }
         os.replace(tmp, output)
     except BaseException:

@@ -1,4 +1,4 @@
-"""Float glue around the ABC kernels (x86): BatchNorm folding, NHWC layout, permute cleanup.
+"""Float glue around the ABC kernels (x86, aarch64): BatchNorm folding, NHWC, permute cleanup.
 
 After the ABC rewrite the binary region is NHWC (the fused kernels read and write NHWC) and
 the float ops around it are NCHW with `permute_dims` at every boundary. These passes make

@@ -37,6 +37,8 @@ __all__ = ["bench_from_args", "collect", "config_from_args", "load_benchmark", "
 
 def bench_from_args(args: argparse.Namespace) -> dict:
     """`abc-tvm bench`: collect, print, write doc/plot/JSON. Returns the results."""
+    if getattr(args, "cycle_model", False):
+        return {"cycle_model": _cycle_model(args)}
     if getattr(args, "rpc_tracker", None):
         from abc_tvm.bench.remote import bench_remote_from_args
 
@@ -63,6 +65,23 @@ def bench_from_args(args: argparse.Namespace) -> dict:
     results = collect(cfg)
     print(report(results, cfg))
     return {**results, **out}
+
+
+def _cycle_model(args: argparse.Namespace) -> list[dict]:
+    """`--cycle-model`: the ARM cycle model of each model's bundle (no board)."""
+    from abc_tvm.bench import arm_model
+    from abc_tvm.bench.common import command_line
+
+    target = args.target or "rpi4"
+    models = [m if not m[:1].isdigit() else f"abc_resnet18:{m}"
+              for m in (args.models.split(",") if args.models else arm_model.DEFAULT_MODELS)]
+    found = arm_model.run(models, target, args.image_size or 224, args.work_dir)
+    print(arm_model.table(found))
+    if not args.no_doc:
+        sec = arm_model.section(found, command_line())
+        write_doc(args.doc, sec)
+        print(f"wrote '{sec.splitlines()[0][3:]}' in {args.doc}")
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:

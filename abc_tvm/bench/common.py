@@ -93,7 +93,7 @@ def _parse_mn(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def _command_line() -> str:
+def command_line() -> str:
     """The command as a user would type it again (`abc-tvm bench ...` or `python -m ...`)."""
     argv = list(sys.argv)
     head = Path(argv[0]).name if argv else ""
@@ -141,7 +141,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         repeat=repeat, parts=parts, work_dir=Path(args.work_dir).resolve(), plot=args.plot,
         doc=None if args.no_doc else args.doc,
         tuning_log=args.tuning_log.resolve() if args.tuning_log else None, quick=quick,
-        progress=not args.no_progress, command=_command_line(),
+        progress=not args.no_progress, command=command_line(),
         arch="abc_resnet20" if quick else "abc_resnet18",
         min_sample_s=0.02 if quick else 0.2, layer_repeat_ms=10 if quick else 50,
         target=target,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from abc_tvm.bench import float_ops
 from abc_tvm.bench.common import (
-    _command_line,
+    command_line,
     host_mcpu,
     load_benchmark,
     machine_info,
@@ -92,7 +92,7 @@ def run(names: list[str], repeat: int, image_size: int | None, work_dir: Path,
     out = work_dir / "research.json"
     env = {**os.environ, "TVM_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "abc_tvm.bench.research", "--json", str(out),
-           f"--command={_command_line()}",
+           f"--command={command_line()}",
            "--repeat", str(repeat), *(["--image-size", str(image_size)] if image_size else []),
            "--target", target,
            *names]

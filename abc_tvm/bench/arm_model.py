@@ -1,0 +1,127 @@
+"""`abc-tvm bench --cycle-model --target rpi4|rpi5`: each bench model's bundle costed by the
+ARM cycle model (`cycle_model`), as a table and a section of docs/benchmarks.md.
+
+Models are exported and compiled with the CLI's own commands (`zoo`, `compile --bundle`),
+cached in the work dir under the hash of the compiler's sources.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from abc_tvm.bench import cycle_model as cm
+from abc_tvm.bench.common import COMPILE_EXCLUDE, COMPILE_SOURCES, sources_hash
+from abc_tvm.errors import UserError
+
+DEFAULT_MODELS = ("abc_resnet18:1x1", "bireal18", "reactnet_a")
+# The issue's targets on the Pi 4 model (ms, 1 thread, 224², batch 1)
+TARGETS_MS = {"abc_resnet18:1x1": 25.0, "bireal18": 40.0, "reactnet_a": 60.0}
+
+
+def _zoo_args(model: str) -> list[str]:
+    name, _, mn = model.partition(":")
+    if name == "abc_resnet18":
+        m, _, n = (mn or "1x1").partition("x")
+        return [name, "-M", m, "-N", n]
+    if name in ("bireal18", "reactnet_a"):
+        return [name]
+    raise UserError(f"the cycle model benches abc_resnet18[:MxN], bireal18, reactnet_a; "
+                    f"not {model!r}")
+
+
+def bundle_for(model: str, target: str, size: int, work: Path) -> Path:
+    """The model's bundle for `target`, exported and compiled unless cached."""
+    from abc_tvm import cli
+
+    key = sources_hash(COMPILE_SOURCES, f"{model}/{target}/{size}", COMPILE_EXCLUDE)
+    d = work / f"{model.replace(':', '_')}-{target}-{size}-{key}"
+    bundle = d / "bundle"
+    if (bundle / "run.sh").is_file():
+        return bundle
+    d.mkdir(parents=True, exist_ok=True)
+    onnx_path = d / "model.onnx"
+    for argv in (["zoo", *_zoo_args(model), "--image-size", str(size), "-o", str(onnx_path)],
+                 ["compile", str(onnx_path), "--target", target, "--bundle", str(bundle)]):
+        if cli.main(argv) != 0:
+            raise UserError(f"abc-tvm {' '.join(argv[:2])} failed for {model}")
+    return bundle
+
+
+def run(models: list[str], target: str, size: int, work: Path) -> list[dict]:
+    """Model every model on the board `target` names; one record each."""
+    cm.core_of(target)
+    found = []
+    for model in models:
+        t0 = time.time()
+        bundle = bundle_for(model, target, size, work)
+        x = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
+        est = cm.estimate(bundle, x, target)
+        found.append({"model": model, "target": target, "size": size, **est.as_dict(),
+                      "wall_s": time.time() - t0})
+        print(f"  {model}: {est.ms:.1f} ms modelled on {est.core.board} "
+              f"({time.time() - t0:.0f} s)", flush=True)
+    (work / f"cycle_model_{target}.json").write_text(json.dumps(found, indent=1))
+    return found
+
+
+def _mcyc(c: float) -> str:
+    return f"{c / 1e6:.1f}"
+
+
+def table(found: list[dict]) -> str:
+    """Whole models, then the time by kind of kernel."""
+    out = ["| model | modelled ms | M cycles | float conv | binary | glue + other | dense "
+           "| outside | target |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in found:
+        k = r["by_kind"]
+        goal = TARGETS_MS.get(r["model"]) if r["target"] in ("rpi4", "arm") else None
+        verdict = "-" if goal is None else (f"≤ {goal:g} ms: " +
+                                            ("met" if r["ms"] <= goal else "not met"))
+        out.append(f"| {r['model']} | **{r['ms']:.1f}** | {_mcyc(r['cycles'])} | "
+                   f"{_mcyc(k.get('float-conv', 0))} | {_mcyc(k.get('binary', 0))} | "
+                   f"{_mcyc(k.get('other', 0) + k.get('runtime', 0))} | "
+                   f"{_mcyc(k.get('dense', 0))} | "
+                   f"{_mcyc(k.get('outside the model (runtime, libc)', 0))} | {verdict} |")
+    return "\n".join(out)
+
+
+def kernel_table(r: dict, top: int = 14) -> str:
+    out = ["| kernel | kind | M cycles | ms | work (M MACs or bit-MACs) | % of model peak "
+           "| memory-bound |", "|---|---|---|---|---|---|---|"]
+    ghz = r["ghz"]
+    for k in sorted(r["kernels"], key=lambda k: -k["modelled"])[:top]:
+        pct = "-" if k["pct_peak"] is None else f"{k['pct_peak']:.0f}%"
+        mem = "yes" if k["memory_cycles"] > k["cycles"] else ""
+        out.append(f"| `{k['name'][:64]}` | {k['kind']} | {_mcyc(k['modelled'])} | "
+                   f"{k['modelled'] / ghz / 1e6:.2f} | {k['work'] / 1e6:.1f} | {pct} | {mem} |")
+    return "\n".join(out)
+
+
+def section(found: list[dict], command: str) -> str:
+    r0 = found[0]
+    core = cm.core_of(r0["target"])
+    pk = r0["peaks"]
+    lines = [
+        f"## ARM cycle model: {core.board} ({core.core}), modelled, not measured", "",
+        f"Command: `{command}`. 1 thread, batch 1, {r0['size']}², random input. "
+        "**These are a model's figures, not a board's**: block executions counted under "
+        "qemu-aarch64 (the `block_counts` plugin) × llvm-mca steady-state cycles per block "
+        f"(`{core.mca} -mcpu={core.mca_cpu}`), at {core.ghz} GHz, with a memory term (each "
+        f"kernel's buffers once at {core.dram_gbs:g} GB/s) where it is the longer. "
+        f"{core.note}. The model assumes every load hits L1, ignores branch mispredictions "
+        "and counts code outside the model (TVM runtime, libc) at 1 cycle per instruction. "
+        "Not yet calibrated against a board (issue 20, item 2).", "",
+        f"Model peaks on this core: {pk['bitmacs_per_cycle']:.1f} bit-MACs/cycle "
+        "(128-bit AND + CNT + UADALP), "
+        f"{pk['fmas_per_cycle']:.2f} fp32 FMAs/cycle (128-bit FMLA).", "",
+        table(found), "",
+        "Columns after the first two are modelled M cycles per kind of kernel "
+        "('glue + other': BatchNorm, ReLU, adds, pooling, bit-packing, layout).", "",
+    ]
+    for r in found:
+        lines += [f"Heaviest kernels of {r['model']}:", "", kernel_table(r), ""]
+    return "\n".join(lines)

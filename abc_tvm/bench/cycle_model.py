@@ -1,0 +1,356 @@
+"""An ARM cycle model for a compiled bundle, without a board: a model, not a measurement.
+
+    bundle under qemu-aarch64 (block_counts plugin: executions of every translated block)
+      × llvm-mca (steady-state cycles of each block on the board's core model)
+      + a memory term (a kernel's buffers at the board's DRAM bandwidth, where that is longer)
+    = modelled cycles per kernel and per inference.
+
+What it ignores: caches (llvm-mca assumes every load hits L1; the memory term counts each
+buffer once, which under-counts re-reads of tensors larger than L2), branch mispredictions,
+the cost of the first execution of a block (llvm-mca gives the loop's steady state), and code
+outside the compiled model (TVM runtime, libc), which is costed at 1 cycle per instruction.
+The peaks it reports percentages of come from the same core model (`peaks`), so a kernel at
+100% issues its inner loop as fast as the model allows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from abc_tvm.errors import UserError
+
+PLUGIN_SRC = Path(__file__).resolve().parent.parent / "deploy" / "block_counts.c"
+MARKER = 0xD42B4B40  # brk #0x5a5a: separates the words handed to one llvm-mc call
+MCA_ITERATIONS = 100
+
+
+@dataclass(frozen=True)
+class Core:
+    """A board's CPU as the model sees it."""
+
+    board: str
+    core: str  # what the board has
+    mca_cpu: str  # the llvm-mca scheduling model used for it
+    mca: str  # the llvm-mca binary that has that model
+    ghz: float
+    dram_gbs: float  # sustained DRAM bandwidth assumed for the memory term
+    note: str  # how faithful the model is, in one sentence
+
+
+CORES = {
+    "rpi4": Core("Raspberry Pi 4B", "Cortex-A72 @ 1.8 GHz", "cortex-a72", "llvm-mca-19", 1.8, 4.0,
+                 "LLVM has no Cortex-A72 model: -mcpu=cortex-a72 uses its Cortex-A57 model, "
+                 "which issues one 128-bit FMLA per cycle where the A72 issues two"),
+    "rpi5": Core("Raspberry Pi 5", "Cortex-A76 @ 2.4 GHz", "neoverse-n1", "llvm-mca-19", 2.4, 8.0,
+                 "LLVM 19's Neoverse-N1 model (the N1 is the A76's server sibling) stands in "
+                 "for the A76"),
+}
+CORES["arm"] = CORES["rpi4"]
+
+
+def core_of(target: str) -> Core:
+    if target not in CORES:
+        raise UserError(f"the cycle model knows {', '.join(sorted(CORES))}, not {target!r}")
+    return CORES[target]
+
+
+def _tool(name: str, why: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise UserError(f"the cycle model needs {name} ({why}): make setup installs it "
+                        "(Debian: apt-get install llvm-19 qemu-user)")
+    return path
+
+
+def plugin() -> Path:
+    """The block_counts qemu plugin, built once per source version with the host cc."""
+    src = PLUGIN_SRC.read_bytes()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "abc-tvm"
+    so = cache / f"block_counts-{hashlib.sha256(src).hexdigest()[:12]}.so"
+    if not so.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        cc = shutil.which("cc") or _tool("gcc", "to build the qemu plugin")
+        tmp = so.with_suffix(".tmp")
+        subprocess.run([cc, "-shared", "-fPIC", "-O2", "-fvisibility=hidden", "-o", str(tmp),
+                        str(PLUGIN_SRC)], check=True, capture_output=True)
+        os.replace(tmp, so)
+    return so
+
+
+# -- counting -------------------------------------------------------------------------------
+
+Block = tuple[int, tuple[int, ...]]  # (guest address, instruction words)
+
+
+def _read_counts(path: Path) -> dict[Block, int]:
+    counts: dict[Block, int] = defaultdict(int)
+    for line in path.read_text().splitlines():
+        f = line.split()
+        counts[(int(f[0], 16), tuple(int(w, 16) for w in f[2:]))] += int(f[1])
+    return counts
+
+
+def block_counts(bundle: Path, x: np.ndarray, repeat: int = 2) -> dict[Block, float]:
+    """Executions of each block in one inference: runs with `--repeat 0` and `--repeat R`
+    under qemu (1 thread), differenced, over R (loading and I/O cancel)."""
+    from abc_tvm.deploy import emulator
+
+    qemu = emulator()
+    if not qemu:
+        raise UserError("the cycle model runs the bundle under qemu-aarch64 on an x86 host "
+                        "(apt-get install qemu-user)")
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        xin = Path(tmp) / "in.npy"
+        np.save(xin, np.ascontiguousarray(x))
+        for r in (0, repeat):
+            out = Path(tmp) / f"c{r}.txt"
+            cmd = [*qemu, "-plugin", f"{plugin()},out={out}", str(bundle / "bin" / "abc-run"),
+                   str(next(bundle.glob("*.so"))), str(xin), str(Path(tmp) / "y.npy"),
+                   *(["--repeat", str(r)] if r else [])]
+            proc = subprocess.run(cmd, capture_output=True, text=True,
+                                  env={**os.environ, "TVM_NUM_THREADS": "1"})
+            if proc.returncode != 0 or not out.is_file():
+                raise UserError(f"running {bundle} under qemu failed: {proc.stderr.strip()}")
+            runs.append(_read_counts(out))
+    base, full = runs
+    per = {b: (n - base.get(b, 0)) / repeat for b, n in full.items()}
+    return {b: n for b, n in per.items() if n > 0}
+
+
+# -- where each block lives -----------------------------------------------------------------
+
+@dataclass
+class Symbols:
+    """The model .so's function symbols, and where qemu loaded it."""
+
+    starts: list[int]
+    names: list[str]
+    text_end: int
+    base: int | None = None
+
+    def name(self, vaddr: int) -> str | None:
+        if self.base is None:
+            return None
+        off = vaddr - self.base
+        i = int(np.searchsorted(self.starts, off, side="right")) - 1
+        # the nearest symbol before: LLVM's outlined loop bodies follow their kernel's
+        # symbol without one of their own (its st_size covers only the entry)
+        return self.names[i] if i >= 0 and off < self.text_end else None
+
+
+def symbols(so: Path, blocks: dict[Block, float]) -> Symbols:
+    """Function symbols of `so` (aarch64 nm) and its load address, found by locating the
+    most executed blocks' bytes in the file (.text is mapped at its file offset)."""
+    nm = _tool("aarch64-linux-gnu-nm", "to read the model's symbols")
+    rows = []
+    for line in subprocess.run([nm, "-S", "--defined-only", str(so)], capture_output=True,
+                               text=True, check=True).stdout.splitlines():
+        f = line.split()
+        if len(f) == 4 and f[2] in "tTwW":
+            rows.append((int(f[0], 16), int(f[1], 16), f[3].removeprefix("__tvm_ffi_")))
+    rows.sort()
+    sym = Symbols([r[0] for r in rows], [r[2] for r in rows],
+                  max((r[0] + r[1] for r in rows), default=0))
+    data = so.read_bytes()
+    votes: dict[int, int] = defaultdict(int)
+    for (vaddr, words), _ in sorted(blocks.items(), key=lambda kv: -kv[1] * len(kv[0][1]))[:40]:
+        if len(words) < 4:
+            continue
+        raw = np.asarray(words, "<u4").tobytes()
+        at = data.find(raw)
+        if at >= 0 and data.find(raw, at + 1) < 0:
+            votes[vaddr - at] += 1
+    if votes:
+        sym.base = max(votes, key=votes.get)
+    return sym
+
+
+# -- costing --------------------------------------------------------------------------------
+
+def disassemble(words: set[int]) -> dict[int, str]:
+    """Instruction text of each 32-bit word (llvm-mc, one call; unknown words are absent)."""
+    mc = shutil.which("llvm-mc-19") or _tool("llvm-mc", "to disassemble the blocks")
+    order = sorted(words)
+    text = "\n".join(" ".join(f"0x{b:02x}" for b in np.asarray([w, MARKER], "<u4").tobytes())
+                     for w in order)
+    out = subprocess.run([mc, "--disassemble", "-triple=aarch64",
+                          "-mattr=+neon,+dotprod,+fullfp16,+crc,+rcpc,+lse"],
+                         input=text, capture_output=True, text=True).stdout
+    insns = [ln.strip() for ln in out.splitlines() if ln.strip() and not ln.strip().startswith(".")]
+    result: dict[int, str] = {}
+    i = 0
+    for w in order:  # each word is followed by its marker; a word llvm-mc refused has none
+        if i < len(insns) and not insns[i].startswith("brk\t#0x5a5a"):
+            result[w] = insns[i]
+            i += 1
+        if i < len(insns) and insns[i].startswith("brk\t#0x5a5a"):
+            i += 1
+    return result
+
+
+_TOTAL = re.compile(r"^Total Cycles:\s+(\d+)", re.M)
+
+
+def _mca(core: Core, regions: list[list[str]]) -> list[float] | None:
+    mca = _tool(core.mca, f"LLVM's {core.mca_cpu} scheduling model")
+    src = "".join(f"# LLVM-MCA-BEGIN r{i}\n" + "\n".join(r) + f"\n# LLVM-MCA-END r{i}\n"
+                  for i, r in enumerate(regions))
+    proc = subprocess.run([mca, "-mtriple=aarch64", f"-mcpu={core.mca_cpu}",
+                           f"-iterations={MCA_ITERATIONS}", "-summary-view",
+                           "-instruction-info=false", "-resource-pressure=false"],
+                          input=src, capture_output=True, text=True)
+    totals = [int(t) for t in _TOTAL.findall(proc.stdout)]
+    return [t / MCA_ITERATIONS for t in totals] if proc.returncode == 0 \
+        and len(totals) == len(regions) else None
+
+
+def block_cycles(core: Core, blocks: list[tuple[int, ...]]) -> list[float]:
+    """Steady-state cycles of each block (a list of words) on `core`; a block llvm-mca
+    cannot cost (an instruction without a model) counts one cycle per instruction."""
+    text = disassemble({w for b in blocks for w in b})
+    regions = [[text.get(w, "nop") for w in b] for b in blocks]
+    out: list[float] = [float(len(b)) for b in blocks]
+    todo = [list(range(i, min(i + 400, len(blocks)))) for i in range(0, len(blocks), 400)]
+    while todo:  # halve a chunk llvm-mca refuses until the refusing block is alone
+        idx = todo.pop()
+        got = _mca(core, [regions[i] for i in idx])
+        if got is not None:
+            for i, c in zip(idx, got, strict=True):
+                out[i] = c
+        elif len(idx) > 1:
+            todo += [idx[: len(idx) // 2], idx[len(idx) // 2:]]
+    return out
+
+
+def peaks(core: Core) -> dict[str, float]:
+    """The core model's peaks: bit-MACs per cycle of 128-bit AND + CNT + UADALP (four
+    independent chains), FMAs per cycle of 128-bit FMLA (eight independent chains)."""
+    pop = [f"and v{i}.16b, v{16 + i}.16b, v24.16b\ncnt v{i}.16b, v{i}.16b\n"
+           f"uadalp v{8 + i}.8h, v{i}.16b" for i in range(4)]
+    fma = [f"fmla v{i}.4s, v{16 + i}.4s, v24.4s" for i in range(8)]
+    got = _mca(core, ["\n".join(pop).split("\n"), fma])
+    if got is None:
+        raise UserError(f"{core.mca} cannot cost NEON code for {core.mca_cpu}")
+    return {"bitmacs_per_cycle": 4 * 128 / got[0], "fmas_per_cycle": 8 * 4 / got[1]}
+
+
+# -- per kernel -----------------------------------------------------------------------------
+
+_ABC = re.compile(r"^abc_(?:block|conv|dot)_b(\d+)c(\d+)h(\d+)w(\d+)o(\d+)_k(\d+)x(\d+)s(\d+)x(\d+)"
+                  r"p(\d+)_(\d+)_(\d+)_(\d+)_m(\d+)n(\d+)")
+
+
+def kernel_work(name: str, buffers: list[dict]) -> tuple[str, int, int]:
+    """(kind, work, bytes): kind "binary" (work in bit-MACs), "float-conv" / "dense"
+    (work in MACs) or "other" (0); bytes = the kernel's buffers, each once."""
+    nbytes = sum(int(np.prod(b["shape"])) * np.dtype(b["dtype"]).itemsize for b in buffers)
+    if m := _ABC.match(name):
+        b, c, h, w, o, kh, kw, sh, sw, pt, pl, pb, pr, M, N = (int(g) for g in m.groups())
+        oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+        return "binary", b * o * oh * ow * c * kh * kw * M * N, nbytes
+    shapes = [b["shape"] for b in buffers]
+    core = name.removeprefix("fused_")
+    if core.startswith("conv2d") and len(shapes) >= 3 and len(shapes[0]) == 4 \
+            and len(shapes[1]) == 4:
+        y = shapes[-1]
+        o, cg, kh, kw = shapes[1]
+        return "float-conv", y[0] * y[1] * y[2] * y[3] * cg * kh * kw, nbytes
+    if core.startswith("float_conv_nhwc") and len(shapes) >= 3:
+        y, wt = shapes[-1], shapes[1]
+        return "float-conv", int(np.prod(y)) * int(np.prod(wt)) // max(1, int(y[-1])), nbytes
+    if core.startswith(("matmul", "dense")) and len(shapes) >= 3:
+        x, y = shapes[0], shapes[-1]
+        return "dense", int(np.prod(y)) * int(x[-1]), nbytes
+    return "other", 0, nbytes
+
+
+@dataclass
+class KernelRow:
+    name: str
+    kind: str
+    cycles: float  # compute, from the block costs
+    work: int
+    nbytes: int
+    memory_cycles: float
+    pct_peak: float | None = None
+
+    @property
+    def modelled(self) -> float:
+        return max(self.cycles, self.memory_cycles)
+
+
+@dataclass
+class Estimate:
+    core: Core
+    peaks: dict[str, float]
+    kernels: list[KernelRow]
+    outside_cycles: float  # runtime, libc: 1 cycle per instruction
+    instructions: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def cycles(self) -> float:
+        return sum(k.modelled for k in self.kernels) + self.outside_cycles
+
+    @property
+    def ms(self) -> float:
+        return self.cycles / (self.core.ghz * 1e6)
+
+    def by_kind(self) -> dict[str, float]:
+        out: dict[str, float] = defaultdict(float)
+        for k in self.kernels:
+            out[k.kind] += k.modelled
+        out["outside the model (runtime, libc)"] += self.outside_cycles
+        return dict(out)
+
+    def as_dict(self) -> dict:
+        return {"board": self.core.board, "core": self.core.core, "mca_cpu": self.core.mca_cpu,
+                "ghz": self.core.ghz, "dram_gbs": self.core.dram_gbs, "peaks": self.peaks,
+                "cycles": self.cycles, "ms": self.ms, "instructions": self.instructions,
+                "outside_cycles": self.outside_cycles, "by_kind": self.by_kind(),
+                "kernels": [{**k.__dict__, "modelled": k.modelled} for k in self.kernels]}
+
+
+def estimate(bundle: str | os.PathLike, x: np.ndarray, target: str = "rpi4",
+             repeat: int = 2) -> Estimate:
+    """Model one inference of a bundle on the board `target` names."""
+    core = core_of(target)
+    bundle = Path(bundle)
+    so = next(bundle.glob("*.so"))
+    kernels = json.loads(Path(str(so) + ".json").read_text()).get("kernels", {})
+    counts = block_counts(bundle, x, repeat)
+    sym = symbols(so, counts)
+    inside = {b: n for b, n in counts.items() if sym.name(b[0]) is not None}
+    costs = dict(zip(inside, block_cycles(core, [w for _, w in inside]), strict=True))
+    per: dict[str, float] = defaultdict(float)
+    for b, n in inside.items():
+        name = sym.name(b[0])
+        assert name is not None
+        # parallel bodies are their own functions: `<kernel>_compute_`
+        per[name.removesuffix("_compute_")] += n * costs[b]
+    pk = peaks(core)
+    hz = core.ghz * 1e9
+    rows = []
+    for name, cyc in sorted(per.items(), key=lambda kv: -kv[1]):
+        kind, work, nbytes = kernel_work(name, kernels.get(name, []))
+        mem = nbytes / (core.dram_gbs * 1e9) * hz
+        rate = pk["bitmacs_per_cycle"] if kind == "binary" else pk["fmas_per_cycle"]
+        pct = 100 * work / rate / cyc if work and cyc else None
+        rows.append(KernelRow(name, kind if name in kernels or kind != "other" else "runtime",
+                              cyc, work, nbytes, mem, pct))
+    outside = sum(n * len(b[1]) for b, n in counts.items() if b not in inside)
+    insns = sum(n * len(b[1]) for b, n in counts.items())
+    notes = [] if sym.base is not None else ["the model .so was not found in qemu's blocks"]
+    return Estimate(core, pk, rows, outside, insns, notes)
