@@ -20,11 +20,12 @@ OUT     := out
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null || \
-	  { echo "installing Debian's g++-aarch64-linux-gnu and qemu-user (for --target arm)"; \
+	@command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null && \
+	  command -v llvm-mca-19 >/dev/null || \
+	  { echo "installing Debian's g++-aarch64-linux-gnu, qemu-user (for --target arm) and llvm-19 (llvm-mca for the ARM cycle model)"; \
 	    if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	    $$SUDO apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq g++-aarch64-linux-gnu qemu-user; }
+	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq g++-aarch64-linux-gnu qemu-user llvm-19; }
 	@[ "$(PYTHON)" != none ] || { echo "no Python 3.11+ found$(if $(PY), (PY=$(PY) does not run or is older than 3.11)): install one, or make ... PY=/path/to/python3.X"; exit 2; }
 	@echo "using $(PYTHON) ($$($(PYTHON) --version))"
 	$(PYTHON) -m venv $(VENV)

@@ -257,8 +257,14 @@ def block_candidates(spec: C.BlockSpec) -> dict[str, list[int]]:
     ow, n = geo.out_width, geo.planes
     divisors = [p for p in range(1, min(ow, 16) + 1) if ow % p == 0]
     # Measured on Zen 5 (ResNet-18 layers): about 12 accumulators where the reduction is
-    # short (one word per tap), up to 21 otherwise; at most two channel vectors.
-    limit = 12 if geo.words <= 2 else 21
+    # short (one word per tap), up to 21 otherwise; at most two channel vectors. Counted in
+    # 512-bit registers: a NEON accumulator of 8 words is four q registers, so a quarter
+    # there (more spilled: 20 stores and 28 reloads per step on the Pi 4 model). x86 keeps
+    # its measured limits.
+    simd = simd_of()
+    per_acc = max(1, spec.vec * geo.word_bits // simd.bits) if simd.name.startswith("neon") \
+        else 1
+    limit = max(1, (12 if geo.words <= 2 else 21) // per_acc)
     best = None
     for r in [v for v in vectors if v <= 2]:
         for px in divisors:
@@ -272,7 +278,7 @@ def block_candidates(spec: C.BlockSpec) -> dict[str, list[int]]:
     unroll = [0, 16, 64]
     if geo.words == 1 and n == 1:  # 9 one-word taps, one plane: the glue weighs most
         r0, px0, unroll = 1, divisor_at_most(ow, 4), [64, 0, 16]
-    pixels = [px0] + [p for p in divisors if p != px0 and n * p <= 28]
+    pixels = [px0] + [p for p in divisors if p != px0 and n * p * per_acc <= 28]
     return {"vectors": [r0] + [r for r in vectors if r != r0], "pixels": pixels,
             "unroll": unroll}
 

@@ -618,3 +618,40 @@ def test_float_net_under_qemu_matches_ort(tmp_path, ort_run, max_rel_err):
     _compile(model, tmp_path, "arm", bundle)
     x = np.random.default_rng(6).normal(0, 1, (1, 3, 8, 8)).astype(np.float32)
     assert max_rel_err(deploy.run_bundle(bundle, x), ort_run(model, x)) < 1e-5
+
+
+# ------------------------------------------------------------- the ARM cycle model
+
+def test_cycle_model_loops_join_a_split_body_and_leave_straight_code():
+    from abc_tvm.bench.cycle_model import Block, loops
+
+    blocks = {1: Block(1, (0,), 1, {2: 1}),  # entry
+              2: Block(2, (0, 0), 100, {3: 100}), 3: Block(3, (0,), 100, {2: 99, 4: 1}),
+              4: Block(4, (0,), 1, {})}
+    assert loops(blocks) == [[2, 3]]
+    blocks[3].succ = {2: 50, 4: 50}  # not a dominant back edge: no loop
+    assert loops(blocks) == []
+
+
+def test_cycle_model_of_a_bundle_counts_what_qemu_executes(resnet20_bundle):
+    """The plugin's block counts agree with qemu's own execution log (an independent
+    count), the model .so is found and every executed kernel is one the manifest lists."""
+    if shutil.which("llvm-mca-19") is None:
+        pytest.skip("llvm-mca-19 missing: `make setup` installs llvm-19")
+    from abc_tvm.bench import cycle_model as cm
+
+    bundle, _, x = resnet20_bundle
+    est = cm.estimate(bundle, x, "rpi4")
+    assert est.notes == []
+    assert abs(est.instructions - deploy.count_instructions(bundle, x)) \
+        <= 0.002 * est.instructions
+    manifest = json.loads(next(bundle.glob("*.so.json")).read_text())["kernels"]
+    kinds = {k.name: k.kind for k in est.kernels}
+    assert {n for n, k in kinds.items() if k == "binary"} == {
+        n for n in manifest if n.startswith("abc_block")}
+    assert kinds.keys() <= manifest.keys() | {n for n, k in kinds.items() if k == "runtime"}
+    for k in est.kernels:
+        if k.pct_peak is not None:
+            assert 0 < k.pct_peak <= 100, k
+    assert 0 < est.peaks["fmas_per_cycle"] < est.peaks["bitmacs_per_cycle"]
+    assert est.outside_cycles < 0.2 * est.cycles

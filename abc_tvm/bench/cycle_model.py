@@ -90,20 +90,32 @@ def plugin() -> Path:
 
 # -- counting -------------------------------------------------------------------------------
 
-Block = tuple[int, tuple[int, ...]]  # (guest address, instruction words)
+@dataclass
+class Block:
+    """One translated block: its code, executions per inference, and the blocks after it."""
+
+    vaddr: int
+    words: tuple[int, ...]
+    count: float = 0.0
+    succ: dict[int, float] = field(default_factory=dict)  # next block's vaddr -> times
 
 
-def _read_counts(path: Path) -> dict[Block, int]:
-    counts: dict[Block, int] = defaultdict(int)
+def _read_counts(path: Path) -> dict[int, Block]:
+    blocks: dict[int, Block] = {}
     for line in path.read_text().splitlines():
         f = line.split()
-        counts[(int(f[0], 16), tuple(int(w, 16) for w in f[2:]))] += int(f[1])
-    return counts
+        va = int(f[0], 16)
+        b = blocks.setdefault(va, Block(va, tuple(int(w, 16) for w in f[3:])))
+        b.count += int(f[1])
+        for item in f[2].split(",") if f[2] != "-" else []:
+            s, n = item.split(":")
+            b.succ[int(s, 16)] = b.succ.get(int(s, 16), 0) + int(n)
+    return blocks
 
 
-def block_counts(bundle: Path, x: np.ndarray, repeat: int = 2) -> dict[Block, float]:
-    """Executions of each block in one inference: runs with `--repeat 0` and `--repeat R`
-    under qemu (1 thread), differenced, over R (loading and I/O cancel)."""
+def block_counts(bundle: Path, x: np.ndarray, repeat: int = 2) -> dict[int, Block]:
+    """Each block's executions (and successors) in one inference: runs with `--repeat 0`
+    and `--repeat R` under qemu (1 thread), differenced, over R (loading and I/O cancel)."""
     from abc_tvm.deploy import emulator
 
     qemu = emulator()
@@ -125,8 +137,14 @@ def block_counts(bundle: Path, x: np.ndarray, repeat: int = 2) -> dict[Block, fl
                 raise UserError(f"running {bundle} under qemu failed: {proc.stderr.strip()}")
             runs.append(_read_counts(out))
     base, full = runs
-    per = {b: (n - base.get(b, 0)) / repeat for b, n in full.items()}
-    return {b: n for b, n in per.items() if n > 0}
+    out = {}
+    for va, b in full.items():
+        b0 = base.get(va, Block(va, b.words))
+        n = (b.count - b0.count) / repeat
+        if n > 0:
+            succ = {s: (k - b0.succ.get(s, 0)) / repeat for s, k in b.succ.items()}
+            out[va] = Block(va, b.words, n, {s: k for s, k in succ.items() if k > 0})
+    return out
 
 
 # -- where each block lives -----------------------------------------------------------------
@@ -150,7 +168,7 @@ class Symbols:
         return self.names[i] if i >= 0 and off < self.text_end else None
 
 
-def symbols(so: Path, blocks: dict[Block, float]) -> Symbols:
+def symbols(so: Path, blocks: dict[int, Block]) -> Symbols:
     """Function symbols of `so` (aarch64 nm) and its load address, found by locating the
     most executed blocks' bytes in the file (.text is mapped at its file offset)."""
     nm = _tool("aarch64-linux-gnu-nm", "to read the model's symbols")
@@ -165,13 +183,13 @@ def symbols(so: Path, blocks: dict[Block, float]) -> Symbols:
                   max((r[0] + r[1] for r in rows), default=0))
     data = so.read_bytes()
     votes: dict[int, int] = defaultdict(int)
-    for (vaddr, words), _ in sorted(blocks.items(), key=lambda kv: -kv[1] * len(kv[0][1]))[:40]:
-        if len(words) < 4:
+    for b in sorted(blocks.values(), key=lambda b: -b.count * len(b.words))[:40]:
+        if len(b.words) < 4:
             continue
-        raw = np.asarray(words, "<u4").tobytes()
+        raw = np.asarray(b.words, "<u4").tobytes()
         at = data.find(raw)
         if at >= 0 and data.find(raw, at + 1) < 0:
-            votes[vaddr - at] += 1
+            votes[b.vaddr - at] += 1
     if votes:
         sym.base = max(votes, key=votes.get)
     return sym
@@ -216,8 +234,8 @@ def _mca(core: Core, regions: list[list[str]]) -> list[float] | None:
         and len(totals) == len(regions) else None
 
 
-def block_cycles(core: Core, blocks: list[tuple[int, ...]]) -> list[float]:
-    """Steady-state cycles of each block (a list of words) on `core`; a block llvm-mca
+def region_cycles(core: Core, blocks: list[tuple[int, ...]]) -> list[float]:
+    """Steady-state cycles of each region (a list of words) on `core`; a region llvm-mca
     cannot cost (an instruction without a model) counts one cycle per instruction."""
     text = disassemble({w for b in blocks for w in b})
     regions = [[text.get(w, "nop") for w in b] for b in blocks]
@@ -231,6 +249,51 @@ def block_cycles(core: Core, blocks: list[tuple[int, ...]]) -> list[float]:
                 out[i] = c
         elif len(idx) > 1:
             todo += [idx[: len(idx) // 2], idx[len(idx) // 2:]]
+    return out
+
+
+LOOP_SHARE = 0.8  # a successor taken this often continues the loop body
+MAX_LOOP_BLOCKS = 16
+
+
+def loops(blocks: dict[int, Block]) -> list[list[int]]:
+    """Loop bodies that qemu split into several blocks (at a branch inside the body): cycles
+    of each block's dominant successor. Costed alone, the piece of a body holding a chain's
+    tail looks latency-bound; costed together, the body is what the core runs."""
+    nxt = {}
+    for b in blocks.values():
+        if b.succ:
+            s, k = max(b.succ.items(), key=lambda kv: kv[1])
+            if k >= LOOP_SHARE * b.count and s in blocks:
+                nxt[b.vaddr] = s
+    found, seen = [], set()
+    for start in nxt:
+        if start in seen:
+            continue
+        path, v = [start], nxt[start]
+        while v != start and v in nxt and v not in path and len(path) < MAX_LOOP_BLOCKS:
+            path.append(v)
+            v = nxt[v]
+        if v == start and len(path) > 1:
+            found.append(path)
+            seen.update(path)
+    return found
+
+
+def block_cycles(core: Core, blocks: dict[int, Block]) -> dict[int, float]:
+    """Cycles per execution of each block: a block of a split loop body gets the body's
+    cycles in proportion to its instructions; any other block its own steady state."""
+    bodies = loops(blocks)
+    member = {v for body in bodies for v in body}
+    alone = [v for v in blocks if v not in member]
+    regions = [blocks[v].words for v in alone] + \
+        [tuple(w for v in body for w in blocks[v].words) for body in bodies]
+    cyc = region_cycles(core, regions)
+    out = dict(zip(alone, cyc[: len(alone)], strict=True))
+    for body, c in zip(bodies, cyc[len(alone):], strict=True):
+        size = sum(len(blocks[v].words) for v in body)
+        for v in body:
+            out[v] = c * len(blocks[v].words) / size
     return out
 
 
@@ -332,14 +395,14 @@ def estimate(bundle: str | os.PathLike, x: np.ndarray, target: str = "rpi4",
     kernels = json.loads(Path(str(so) + ".json").read_text()).get("kernels", {})
     counts = block_counts(bundle, x, repeat)
     sym = symbols(so, counts)
-    inside = {b: n for b, n in counts.items() if sym.name(b[0]) is not None}
-    costs = dict(zip(inside, block_cycles(core, [w for _, w in inside]), strict=True))
+    inside = {v: b for v, b in counts.items() if sym.name(v) is not None}
+    costs = block_cycles(core, inside)
     per: dict[str, float] = defaultdict(float)
-    for b, n in inside.items():
-        name = sym.name(b[0])
+    for v, b in inside.items():
+        name = sym.name(v)
         assert name is not None
         # parallel bodies are their own functions: `<kernel>_compute_`
-        per[name.removesuffix("_compute_")] += n * costs[b]
+        per[name.removesuffix("_compute_")] += b.count * costs[v]
     pk = peaks(core)
     hz = core.ghz * 1e9
     rows = []
@@ -350,7 +413,7 @@ def estimate(bundle: str | os.PathLike, x: np.ndarray, target: str = "rpi4",
         pct = 100 * work / rate / cyc if work and cyc else None
         rows.append(KernelRow(name, kind if name in kernels or kind != "other" else "runtime",
                               cyc, work, nbytes, mem, pct))
-    outside = sum(n * len(b[1]) for b, n in counts.items() if b not in inside)
-    insns = sum(n * len(b[1]) for b, n in counts.items())
+    outside = sum(b.count * len(b.words) for v, b in counts.items() if v not in inside)
+    insns = sum(b.count * len(b.words) for b in counts.values())
     notes = [] if sym.base is not None else ["the model .so was not found in qemu's blocks"]
     return Estimate(core, pk, rows, outside, insns, notes)
