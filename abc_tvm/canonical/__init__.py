@@ -17,6 +17,7 @@ from abc_tvm.canonical.fold import fold_constants, needs_folding
 from abc_tvm.canonical.graph import Graph
 from abc_tvm.canonical.qonnx import lower_qonnx
 from abc_tvm.canonical.rules import Note
+from abc_tvm.canonical.transpose import push_transposes
 
 __all__ = ["Note", "canonicalize", "rules_for", "summary_lines"]
 
@@ -31,8 +32,8 @@ def canonicalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Note]]:
         model = fold_constants(model)
         notes.append(Note("", "fold_constants", "constants folded by ONNX Runtime"))
     g = Graph(model)
-    changed = (rules.snap_weights(g) + rules.split_conv_bias(g) + rules.pool_before_binarizer(g)
-               + rules.binary_fc_as_conv(g))
+    changed = (push_transposes(g) + rules.snap_weights(g) + rules.split_conv_bias(g)
+               + rules.pool_before_binarizer(g) + rules.binary_fc_as_conv(g))
     if changed:
         model = g.to_model()
     return model, notes + changed

@@ -117,6 +117,30 @@ class Graph:
         self._producer.pop(old, None)
         self._producer[new] = node
 
+    def set_input(self, node: onnx.NodeProto, k: int, value: str) -> None:
+        """`node` reads `value` as its k-th input (the consumer index follows)."""
+        old = node.input[k]
+        if old == value:
+            return
+        node.input[k] = value
+        if old:
+            readers = self._consumers.get(old, [])
+            at = next((j for j, r in enumerate(readers) if r is node), None)
+            if at is not None:
+                del readers[at]
+        if value:
+            self._consumers[value].append(node)
+
+    def remove(self, node: onnx.NodeProto) -> None:
+        """Drop `node` (its outputs are then unproduced: the caller rewires their readers)."""
+        self.nodes = [n for n in self.nodes if n is not node]
+        for o in node.output:
+            if self._producer.get(o) is node:
+                del self._producer[o]
+        for i in set(node.input):
+            if i in self._consumers:
+                self._consumers[i] = [r for r in self._consumers[i] if r is not node]
+
     def replace_uses(self, old: str, new: str) -> None:
         """Every reader of `old` (nodes and graph outputs) reads `new` instead."""
         for n in self._consumers.pop(old, []):
