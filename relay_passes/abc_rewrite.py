@@ -41,6 +41,7 @@ from abc_tvm.schedules import (
     abc_conv_func,
     bitpack_func,
     bitpack_nhwc_func,
+    block_lane_bits,
     block_vector,
     compute,
     packed_maxpool_func,
@@ -536,13 +537,16 @@ class _FusedRewriter(PyExprMutator):
             residual=glue.residual is not None, relu=glue.relu, float_out=plan.float_out,
             next_planes=nxt, pre_bias=glue.pre is not None, prelu=glue.slope is not None,
             post_bias=glue.post is not None, hardtanh=glue.hardtanh,
-            next_per_channel=nxt > 0 and plan.next_thresholds.ndim == 2)
+            next_per_channel=nxt > 0 and plan.next_thresholds.ndim == 2,
+            lane_bits=block_lane_bits(geo, vec, self.target))
         func = abc_block_func(spec, self.target, scheduled=self.scheduled)
         wbits, wsum = pack_weights(blk.bases, word_bits=wb)
         ab = (blk.alpha[:, None, :] * blk.beta[None, :, None]).astype(np.float32)
         udt = f"uint{wb}"
         args = [self._packed_input(plan),
-                relax.const(compute.block_weights(wbits, vec), udt), relax.const(ab, "float32")]
+                relax.const(compute.block_weights(wbits, vec, spec.lane_bits),
+                            "uint16" if spec.lane_bits else udt),
+                relax.const(ab, "float32")]
         if spec.bipolar:
             args.append(relax.const(compute.bipolar_table(wsum, geo), "float32"))
         if spec.affine:

@@ -20,6 +20,7 @@ __all__ = [
     "abc_dot_func",
     "bitpack_func",
     "bitpack_nhwc_func",
+    "block_lane_bits",
     "block_vector",
     "compute",
     "num_words",
@@ -251,6 +252,14 @@ def block_vector(out_channels: int, word_bits: int, target: tvm.target.Target) -
     return _cpu.block_vector(out_channels, word_bits)
 
 
+def block_lane_bits(geo: compute.ConvGeometry, vec: int, target: tvm.target.Target) -> int:
+    """16 where the block kernel accumulates in 16-bit lanes (aarch64 NEON: cnt + uadalp,
+    `lanes.py`), else 0 (one int64 per word: x86's vpopcntq, or where lanes do not fit)."""
+    triple = str(target.attrs.get("mtriple", ""))
+    neon = str(target.kind.name) == "llvm" and triple.startswith("aarch64")
+    return 16 if neon and compute.lane_accumulation_fits(geo, vec) else 0
+
+
 def abc_block_func(spec: compute.BlockSpec, target: tvm.target.Target,
                    scheduled: bool = True) -> tvm.tirx.PrimFunc:
     """The fused ABC block kernel (conv + scale/shift + residual + ReLU + next bit-pack).
@@ -260,7 +269,8 @@ def abc_block_func(spec: compute.BlockSpec, target: tvm.target.Target,
     (`compute.bipolar_table`); affine: scale, shift f32[O]; residual:
     res f32[B,OH,OW,O]; pre, slope, post f32[O] where the spec has them; next planes:
     thr f32[N'] (the next layer's exact thresholds); then the outputs z f32[B,OH,OW,O] (NHWC) and/or
-    packed_next uint{w}[N',B,OH,OW,ceil(O/w)]. x86 (LLVM) only.
+    packed_next uint{w}[N',B,OH,OW,ceil(O/w)]. LLVM CPU targets (x86, aarch64); on aarch64
+    the weights come as uint16 lanes (`block_lane_bits`, `compute.block_weights`).
     """
     if str(target.kind.name) != "llvm":
         raise ValueError("the fused ABC block kernel is written for LLVM CPU targets")

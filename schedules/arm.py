@@ -34,20 +34,17 @@ from dataclasses import dataclass
 
 import tvm
 from tvm import s_tir, te, tirx
-from tvm.script import tirx as T
 
 from . import compute as C
 from . import cpu
 from ._util import has_block
+from .lanes import MAX_STEPS, lane, lane_sum_intrin, lanes_per_word, words_per_register
 
 ACT_LANES = "abc_act_lanes"
 WEIGHT_LANES = "abc_weight_lanes"
 CONV_SUM = "abc_conv_sum"
 GEOMETRY_ATTR = "abc_geometry"  # JSON geometry on the conv block, for the MetaSchedule rule
 
-LANE_BITS = 16
-VECTOR_BITS = 128
-MAX_STEPS = 65535 // LANE_BITS  # reduction steps before a uint16 lane could overflow
 # 32 NEON registers: accumulators + weight registers within ACC_REGISTERS leave room for
 # the activation operand and the and/cnt temporaries; tuning tries up to SPILL_REGISTERS.
 ACC_REGISTERS = 24
@@ -63,16 +60,6 @@ class Config:
 
     def __str__(self) -> str:
         return f"o{self.channels}x{self.pixels}"
-
-
-def lanes_per_word(word_bits: int) -> int:
-    """q: 16-bit lanes per packing word."""
-    return word_bits // LANE_BITS
-
-
-def words_per_register(word_bits: int) -> int:
-    """og: packing words (= output channels) per 128-bit register."""
-    return VECTOR_BITS // word_bits
 
 
 def supported(geo: C.ConvGeometry) -> bool:
@@ -126,12 +113,6 @@ def default_config(geo: C.ConvGeometry) -> Config:
 # --------------------------------------------------------------------------- compute
 
 
-def _lane(word: tirx.PrimExpr, lane: tirx.PrimExpr, dtype: str) -> tirx.PrimExpr:
-    """16-bit lane `lane` of a word, as uint16."""
-    shift = (lane * LANE_BITS).astype(dtype)
-    return ((word >> shift) & tirx.const(0xFFFF, dtype)).astype("uint16")
-
-
 def neon_tensors(geo: C.ConvGeometry, bipolar: bool, fused: bool) -> C.ConvTensors:
     """The ABC conv on uint16 lanes; same placeholders and result as `compute.abc_conv`."""
     dtype = C.word_dtype(geo.word_bits)
@@ -148,12 +129,12 @@ def neon_tensors(geo: C.ConvGeometry, bipolar: bool, fused: bool) -> C.ConvTenso
 
     a16 = te.compute(
         (n, geo.batch, geo.padded_height, geo.padded_width, k, og * q),
-        lambda n_, b, h, w, k_, l: _lane(padded[n_, b, h, w, k_], tirx.floormod(l, q), dtype),
+        lambda n_, b, h, w, k_, l: lane(padded[n_, b, h, w, k_], tirx.floormod(l, q), dtype),
         name=ACT_LANES,
     )
     w16 = te.compute(
         (m, geo.out_channels, kh, kw, k, q),
-        lambda m_, o, ky, kx, k_, j: _lane(wbits[m_, o, ky, kx, k_], j, dtype),
+        lambda m_, o, ky, kx, k_, j: lane(wbits[m_, o, ky, kx, k_], j, dtype),
         name=WEIGHT_LANES,
     )
     ry = te.reduce_axis((0, kh), name="ry")
@@ -279,7 +260,7 @@ def apply(sch: s_tir.Schedule, geo: C.ConvGeometry, fused: bool, config: Config)
     sch.transform_layout(csum, ("write", 0), lambda m, n, b, o, y, x: (m, n, b, y, x, o))
     init = sch.decompose_reduction(csum, o_reg)
     sch.vectorize(sch.fuse(*sch.get_loops(init)[-2:]))
-    sch.tensorize(o_lane, _lane_sum_intrin(og, lanes_per_word(geo.word_bits)))
+    sch.tensorize(o_lane, lane_sum_intrin(og, lanes_per_word(geo.word_bits)))
     for loop in (n_, x_, o_reg):
         sch.unroll(loop)
     if fused:
@@ -290,51 +271,6 @@ def apply(sch: s_tir.Schedule, geo: C.ConvGeometry, fused: bool, config: Config)
         if has_block(sch, name):
             cpu._parallel_outer(sch, sch.get_sblock(name), count)
     cpu._parallel_outer(sch, w16, 2)
-
-
-def _lane_sum_intrin(og: int, q: int) -> str:
-    """Tensor intrinsic: og int32 += the sums of q uint16 lanes, from one 128-bit register.
-
-    Written with reinterprets, masks and shifts (no target intrinsic), so it lowers on any
-    LLVM target: on NEON to `usra`/`and` pairs on 32- then 64-bit lanes and a narrow.
-    """
-    name = f"abc_neon_lane_sum_{og}x{q}"
-    if s_tir.TensorIntrin.get(name, allow_missing=True) is not None:
-        return name
-    lanes = og * q
-    steps = {2: 1, 4: 2}[q]
-
-    @T.prim_func(s_tir=True)
-    def desc(a: T.Buffer((og, q), "uint16", offset_factor=1, scope="local"),
-             c: T.Buffer((og,), "int32", offset_factor=1, scope="local")) -> None:
-        with T.sblock("root"):
-            T.reads(c[0:og], a[0:og, 0:q])
-            T.writes(c[0:og])
-            for i, j in T.grid(og, q):
-                with T.sblock("update"):
-                    vi, vj = T.axis.remap("SR", [i, j])
-                    c[vi] = c[vi] + T.cast(a[vi, vj], "int32")
-
-    @T.prim_func(s_tir=True)
-    def impl(a: T.Buffer((og, q), "uint16", offset_factor=1, scope="local"),
-             c: T.Buffer((og,), "int32", offset_factor=1, scope="local")) -> None:
-        with T.sblock("root"):
-            T.reads(c[0:og], a[0:og, 0:q])
-            T.writes(c[0:og])
-            w32 = T.reinterpret(a.vload([0, 0], f"uint16x{lanes}"), dtype=f"uint32x{lanes // 2}")
-            s32 = (w32 & T.broadcast(T.uint32(0xFFFF), lanes // 2)) + (
-                w32 >> T.broadcast(T.uint32(16), lanes // 2))
-            if steps == 2:
-                w64 = T.reinterpret(s32, dtype=f"uint64x{lanes // 4}")
-                s64 = (w64 & T.broadcast(T.uint64(0xFFFFFFFF), lanes // 4)) + (
-                    w64 >> T.broadcast(T.uint64(32), lanes // 4))
-                c[T.ramp(0, 1, og)] = c[T.ramp(0, 1, og)] + T.cast(s64, f"int32x{og}")
-            else:
-                c[T.ramp(0, 1, og)] = c[T.ramp(0, 1, og)] + T.reinterpret(
-                    s32, dtype=f"int32x{og}")
-
-    s_tir.TensorIntrin.register(name, desc, impl)
-    return name
 
 
 # ------------------------------------------------------------------- MetaSchedule rule
@@ -375,6 +311,3 @@ def unscheduled_conv(geo: C.ConvGeometry, bipolar: bool,
 _RULE_NAME = f"s_tir.meta_schedule.arm_cpu.{C.SCHEDULE_RULE}"
 if tvm.get_global_func(_RULE_NAME, allow_missing=True) is None:
     tvm.register_global_func(_RULE_NAME, _rule)
-# Registered at import, so a tuning record's trace (which names them) replays at compile time.
-for _og, _q in ((2, 4), (4, 2)):
-    _lane_sum_intrin(_og, _q)

@@ -17,6 +17,8 @@ from tvm import te
 
 from abc_tvm.floats import least_true_array
 
+from .lanes import MAX_STEPS, lane, lanes_per_word, words_per_register
+
 # Block names, shared with the schedules (and with the MetaSchedule rule registered later).
 PACK = "abc_bitpack"
 OR_POOL = "abc_or_pool"  # MaxPool on bit-planes
@@ -304,6 +306,8 @@ def abc_conv(geo: ConvGeometry, bipolar: bool, fused: bool) -> ConvTensors:
 # (`abc_act_popcount`).
 
 ACCUMULATE = "abc_accumulate"
+ACT_LANES = "abc_act_lanes"  # 16-bit lanes of the padded activation words (lane kernels)
+CONV_SUM = "abc_conv_sum"  # lanes summed to one int32 per output channel
 GLUE = "abc_glue"
 GLUE_OUT = "abc_glue_out"
 PACK_OUT = "abc_pack"
@@ -332,6 +336,9 @@ class BlockSpec:
     hardtanh: tuple[float, float] | None = None  # Clip(lo, hi) as the activation (IR-Net)
     # The next layer's thresholds per channel ([N', O], ReActNet's RSign) rather than [N'].
     next_per_channel: bool = False
+    # 16: accumulate AND/XOR popcounts in 16-bit lanes, summed once per tile (NEON's
+    # cnt + uadalp, `lanes.py`); the weights then come as uint16 lanes. 0: one int64 per word.
+    lane_bits: int = 0
 
     def __post_init__(self) -> None:
         if self.geo.out_channels % self.vec:
@@ -346,6 +353,9 @@ class BlockSpec:
                                                       self.geo.word_bits):
             raise ValueError(f"{self.geo.out_channels} channels end in a partial word past "
                              "the first: pack them with bitpack_nhwc_func instead")
+        if self.lane_bits and not lane_accumulation_fits(self.geo, self.vec):
+            raise ValueError(f"16-bit lanes need 64-bit words, vectors of whole 128-bit "
+                             f"registers and at most {MAX_STEPS} reduction steps")
 
     @property
     def word_block(self) -> int:
@@ -359,7 +369,8 @@ class BlockSpec:
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
-        for key in ("pre_bias", "prelu", "post_bias", "hardtanh", "next_per_channel"):
+        for key in ("pre_bias", "prelu", "post_bias", "hardtanh", "next_per_channel",
+                    "lane_bits"):
             if not d[key]:
                 del d[key]
         return json.dumps(d, sort_keys=True)
@@ -385,7 +396,15 @@ class BlockSpec:
         return (f"abc_block_b{g.batch}c{g.channels}h{g.height}w{g.width}o{g.out_channels}"
                 f"_k{g.kernel[0]}x{g.kernel[1]}s{g.stride[0]}x{g.stride[1]}p{pads}"
                 f"_m{g.bases}n{g.planes}_{'bi' if self.bipolar else 'uni'}u{g.word_bits}"
-                f"v{self.vec}_{glue}p{self.next_planes}{'c' if self.next_per_channel else ''}")
+                f"v{self.vec}_{glue}p{self.next_planes}{'c' if self.next_per_channel else ''}"
+                f"{f'_l{self.lane_bits}' if self.lane_bits else ''}")
+
+
+def lane_accumulation_fits(geo: ConvGeometry, vec: int) -> bool:
+    """Whether a block kernel can accumulate in 16-bit lanes: 64-bit words (4 lanes, 2 words
+    per 128-bit register), whole registers per weight vector, no lane overflow."""
+    return (geo.word_bits == 64 and vec % words_per_register(64) == 0
+            and geo.kernel[0] * geo.kernel[1] * geo.words <= MAX_STEPS)
 
 
 def exact_thresholds(shift: np.ndarray) -> np.ndarray:
@@ -442,11 +461,14 @@ def bipolar_table(wsum: np.ndarray, geo: ConvGeometry) -> np.ndarray:
     return (geo.channels * kh * kw + padded_sum).astype(np.float32)
 
 
-def block_weights(wbits: np.ndarray, vec: int) -> np.ndarray:
-    """[M, O, KH, KW, K] weight words -> [M, O/vec, KH, KW, K, vec] (a vector is contiguous)."""
+def block_weights(wbits: np.ndarray, vec: int, lane_bits: int = 0) -> np.ndarray:
+    """[M, O, KH, KW, K] weight words -> [M, O/vec, KH, KW, K, vec] (a vector is contiguous);
+    with `lane_bits` 16, the same bytes as uint16 [..., vec * lanes] (little-endian: lane j
+    of word i at i * lanes + j)."""
     m, o, kh, kw, k = wbits.shape
-    return np.ascontiguousarray(
+    out = np.ascontiguousarray(
         wbits.reshape(m, o // vec, vec, kh, kw, k).transpose(0, 1, 3, 4, 5, 2))
+    return out.view("<u2") if lane_bits else out
 
 
 def pack_nhwc(src: te.Tensor, thr: te.Tensor, word_bits: int, name: str = PACK_OUT,
@@ -538,6 +560,54 @@ def or_pool(packed: te.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
     return te.compute((planes, batch, *out_hw, words), _pool, name=OR_POOL)
 
 
+def _reduce_axes(geo: ConvGeometry) -> list[tvm.tirx.IterVar]:
+    kh, kw = geo.kernel
+    return [te.reduce_axis((0, kh), name="ry"), te.reduce_axis((0, kw), name="rx"),
+            te.reduce_axis((0, geo.words), name="rk")]
+
+
+def _word_conv(spec: BlockSpec, padded: te.Tensor, wv: te.Tensor, attrs: dict) -> te.Tensor:
+    """t[m, n, b, y, x, o]: AND (unipolar) or XOR (bipolar) popcounts, one int64 per word."""
+    geo, vec = spec.geo, spec.vec
+    sh, sw = geo.stride
+    ry, rx, rk = _reduce_axes(geo)
+
+    def _conv(m_, n_, b, y, x, o_):
+        a = padded[n_, b, y * sh + ry, x * sw + rx, rk]
+        w = wv[m_, o_ // vec, ry, rx, rk, o_ % vec]
+        word = (a ^ w) if spec.bipolar else (a & w)
+        return te.sum(tvm.tirx.popcount(word).astype("int64"), axis=[ry, rx, rk])
+
+    shape = (geo.bases, geo.planes, geo.batch, geo.out_height, geo.out_width, geo.out_channels)
+    return te.compute(shape, _conv, name=CONV, attrs=attrs)
+
+
+def _lane_conv(spec: BlockSpec, padded: te.Tensor, wv: te.Tensor, attrs: dict) -> te.Tensor:
+    """The same t on 16-bit lanes: acc[m, n, b, y, x, o, j] = popcounts of lane j (uint16),
+    then t = Σ_j acc as int32 (`CONV_SUM`). The activation lanes repeat for the og words of
+    one 128-bit register, so a register's activation operand is one contiguous load."""
+    geo, vec = spec.geo, spec.vec
+    sh, sw = geo.stride
+    q, og = lanes_per_word(geo.word_bits), words_per_register(geo.word_bits)
+    dtype = word_dtype(geo.word_bits)
+    a16 = te.compute((*padded.shape, og * q),
+                     lambda n_, b, h, w, k_, j: lane(padded[n_, b, h, w, k_], j % q, dtype),
+                     name=ACT_LANES)
+    ry, rx, rk = _reduce_axes(geo)
+
+    def _acc(m_, n_, b, y, x, o_, j):
+        a = a16[n_, b, y * sh + ry, x * sw + rx, rk, (o_ % og) * q + j]
+        w = wv[m_, o_ // vec, ry, rx, rk, (o_ % vec) * q + j]
+        word = (a ^ w) if spec.bipolar else (a & w)
+        return te.sum(tvm.tirx.popcount(word), axis=[ry, rx, rk])
+
+    shape = (geo.bases, geo.planes, geo.batch, geo.out_height, geo.out_width, geo.out_channels)
+    acc = te.compute((*shape, q), _acc, name=CONV, attrs=attrs)
+    rj = te.reduce_axis((0, q), name="rj")
+    return te.compute(shape, lambda *i: te.sum(acc[(*i, rj)].astype("int32"), axis=rj),
+                      name=CONV_SUM)
+
+
 @dataclass(frozen=True)
 class BlockTensors:
     inputs: list[te.Tensor]
@@ -560,22 +630,14 @@ def abc_block(spec: BlockSpec) -> BlockTensors:
     vec = spec.vec
     oh, ow = geo.out_height, geo.out_width
     packed = te.placeholder((n, geo.batch, geo.height, geo.width, k), dtype, name="packed")
-    wv = te.placeholder((m, o // vec, kh, kw, k, vec), dtype, name="wbits")
+    q = lanes_per_word(geo.word_bits) if spec.lane_bits else 1
+    wv = te.placeholder((m, o // vec, kh, kw, k, vec * q), "uint16" if spec.lane_bits else dtype,
+                        name="wbits")
     ab = te.placeholder((m, n, o), "float32", name="ab")
     inputs = [packed, wv, ab]
     padded = pad_packed(packed, geo)
-    ry = te.reduce_axis((0, kh), name="ry")
-    rx = te.reduce_axis((0, kw), name="rx")
-    rk = te.reduce_axis((0, k), name="rk")
-
-    def _conv(m_, n_, b, y, x, o_):
-        a = padded[n_, b, y * sh + ry, x * sw + rx, rk]
-        w = wv[m_, o_ // vec, ry, rx, rk, o_ % vec]
-        word = (a ^ w) if spec.bipolar else (a & w)
-        return te.sum(tvm.tirx.popcount(word).astype("int64"), axis=[ry, rx, rk])
-
     attrs = {"schedule_rule": SCHEDULE_RULE, BLOCK_KEY: spec.to_json()}
-    t = te.compute((m, n, geo.batch, oh, ow, o), _conv, name=CONV, attrs=attrs)
+    t = (_lane_conv if spec.lane_bits else _word_conv)(spec, padded, wv, attrs)
     rm = te.reduce_axis((0, m), name="rm")
     rn = te.reduce_axis((0, n), name="rn")
     two = tvm.tirx.const(2.0, "float32")

@@ -24,6 +24,7 @@ from tvm.script import tirx as T
 
 from . import compute as C
 from ._util import SIMD, divisor_at_most, has_block, simd_of
+from .lanes import lane_sum_intrin, lanes_per_word, words_per_register
 
 _MAX_PIXELS = 8
 Knob = int | s_tir.schedule.ExprRV
@@ -316,7 +317,8 @@ def apply_block(sch: s_tir.Schedule, spec: C.BlockSpec, knobs: BlockKnobs) -> No
     sch.reorder(b, oo, y, xo, sub, rm, rn, xi, ov, oi)
     sch.parallel(sch.fuse(b, oo, y))
     sch.set_scope(acc, 0, "local")
-    sch.compute_at(conv, rm, preserve_unit_loops=True)
+    if not spec.lane_bits:  # the lane form places its two stages itself
+        sch.compute_at(conv, rm, preserve_unit_loops=True)
     sch.reverse_compute_at(glue, xo, preserve_unit_loops=True)
     pack = out = None
     if spec.next_planes:
@@ -328,13 +330,16 @@ def apply_block(sch: s_tir.Schedule, spec: C.BlockSpec, knobs: BlockKnobs) -> No
             sch.reverse_compute_at(out, xo, preserve_unit_loops=True)
 
     # The hot loop: (ky, kx, k) outside; planes x pixels x channel vectors unrolled inside.
-    n_, b_, y_, x_, o_, ry, rx, rk = sch.get_loops(conv)[-8:]
-    o_v, o_i = sch.split(o_, [None, vec])
-    sch.reorder(ry, rx, rk, n_, b_, y_, x_, o_v, o_i)
-    sch.set_scope(conv, 0, "local")
-    sch.vectorize(o_i)
-    for loop in (n_, x_, o_v):
-        sch.unroll(loop)
+    if spec.lane_bits:
+        ry = _lane_hot_loop(sch, spec, conv, rm)
+    else:
+        n_, b_, y_, x_, o_, ry, rx, rk = sch.get_loops(conv)[-8:]
+        o_v, o_i = sch.split(o_, [None, vec])
+        sch.reorder(ry, rx, rk, n_, b_, y_, x_, o_v, o_i)
+        sch.set_scope(conv, 0, "local")
+        sch.vectorize(o_i)
+        for loop in (n_, x_, o_v):
+            sch.unroll(loop)
     sch.annotate(ry, "pragma_auto_unroll_max_step", knobs.unroll)
     sch.annotate(ry, "pragma_unroll_explicit", 1)
     sch.decompose_reduction(conv, ry)
@@ -358,9 +363,40 @@ def apply_block(sch: s_tir.Schedule, spec: C.BlockSpec, knobs: BlockKnobs) -> No
         _schedule_pack(sch, pack, geo.out_channels, geo.word_bits, "local",
                        spec.next_per_channel)
 
-    for name, count in ((C.PAD, 3), (C.ACT_POPCOUNT, 3)):
+    for name, count in ((C.PAD, 3), (C.ACT_LANES, 3), (C.ACT_POPCOUNT, 3)):
         if has_block(sch, name):
             _parallel_outer(sch, sch.get_sblock(name), count)
+
+
+def _lane_hot_loop(sch: s_tir.Schedule, spec: C.BlockSpec, conv: s_tir.SBlockRV,
+                   rm: s_tir.LoopRV) -> s_tir.LoopRV:
+    """The 16-bit lane form of the hot loop (`compute._lane_conv`): one 128-bit register
+    (og words x q lanes) vectorised, the tile's registers unrolled; the lanes are summed to
+    int32 once per tile and base (`lanes.lane_sum_intrin`), before the float fold. Returns
+    the outermost reduction loop."""
+    og = words_per_register(spec.geo.word_bits)
+    q = lanes_per_word(spec.geo.word_bits)
+    csum = sch.get_sblock(C.CONV_SUM)
+    sch.compute_at(csum, rm, preserve_unit_loops=True)
+    sch.compute_at(conv, rm, preserve_unit_loops=True)
+    n_, b_, y_, x_, o_, j_, ry, rx, rk = sch.get_loops(conv)[-9:]
+    o_reg, o_lane = sch.split(o_, [None, og])
+    sch.reorder(ry, rx, rk, n_, b_, y_, x_, o_reg, o_lane, j_)
+    sch.set_scope(conv, 0, "local")
+    sch.vectorize(sch.fuse(o_lane, j_))
+    for loop in (n_, x_, o_reg):
+        sch.unroll(loop)
+
+    n_, b_, y_, x_, o_, j_ = sch.get_loops(csum)[-6:]
+    o_reg, o_lane = sch.split(o_, [None, og])
+    sch.reorder(n_, b_, y_, x_, o_reg, o_lane, j_)
+    sch.set_scope(csum, 0, "local")
+    init = sch.decompose_reduction(csum, o_reg)
+    sch.vectorize(sch.fuse(*sch.get_loops(init)[-2:]))
+    sch.tensorize(o_lane, lane_sum_intrin(og, q))
+    for loop in (n_, x_, o_reg):
+        sch.unroll(loop)
+    return ry
 
 
 def _schedule_pack(sch: s_tir.Schedule, pack: s_tir.SBlockRV, channels: int, word_bits: int,

@@ -229,6 +229,24 @@ def test_neon_hot_loop_is_and_cnt_uadalp(preset):
     assert not {"str", "stp", "st1"} & set(conv), "accumulators spilled in the hot loop"
 
 
+@pytest.mark.parametrize("bipolar", [True, False], ids=["xor", "and"])
+def test_fused_block_hot_loop_is_cnt_uadalp(bipolar):
+    """aarch64's fused block kernel accumulates 16-bit lanes: per 128 bits eor/and + cnt.16b +
+    uadalp.8h in the hot loop, no 64-bit popcount chain there, no spills."""
+    target = targets.ARM_PRESETS["rpi4"].target()
+    geo = C.ConvGeometry(1, 128, 14, 14, 128, (3, 3), (1, 1), (1, 1, 1, 1), 1, 1, 64)
+    vec = schedules.block_vector(128, 64, target)
+    assert schedules.block_lane_bits(geo, vec, target) == 16
+    spec = C.BlockSpec(geo, bipolar, vec, True, False, True, False, 1, lane_bits=16)
+    asm = tvm.compile(schedules.abc_block_func(spec, target),
+                      target=target).mod.inspect_source("asm")
+    conv = max(_hot_loops(asm), key=lambda body: body.count("uadalp"))
+    op = "eor" if bipolar else "and"
+    assert conv.count("cnt") == conv.count("uadalp") == conv.count(op) > 0, conv
+    assert "uaddlp" not in conv, "a 64-bit lane popcount chain is in the hot loop"
+    assert not {"str", "stp", "st1"} & set(conv), "accumulators spilled in the hot loop"
+
+
 def test_armv7_kernel_uses_neon_vcnt():
     target = targets.ARM_PRESETS["armv7"].target()
     case = Case(1, 64, 6, 6, 8, (3, 3), (1, 1), (1, 1, 1, 1), 2, 2, True)

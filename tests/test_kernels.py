@@ -15,6 +15,7 @@ bits.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import random
 import shutil
@@ -470,6 +471,7 @@ class BlockCase:
     next_planes: int
     late: str = ""  # after the residual: "rprelu" (bias, PReLU, bias) or "hardtanh" (Clip)
     next_per_channel: bool = False  # the next layer's thresholds per channel (RSign)
+    lane_bits: int = 0  # 16: the NEON form (16-bit lane accumulators), built for this host
 
     def spec(self):
         from abc_tvm.schedules import compute
@@ -483,13 +485,15 @@ class BlockCase:
                                  self.float_out, self.next_planes, pre_bias=rp, prelu=rp,
                                  post_bias=rp,
                                  hardtanh=(-1.0, 1.0) if self.late == "hardtanh" else None,
-                                 next_per_channel=self.next_per_channel)
+                                 next_per_channel=self.next_per_channel,
+                                 lane_bits=self.lane_bits)
 
     def __str__(self) -> str:
         flags = "".join(f for f, on in (("a", self.affine), ("r", self.residual),
                                         ("l", self.relu), ("f", self.float_out)) if on)
         pc = "c" if self.next_per_channel else ""
-        return f"{self.conv}_{flags}p{self.next_planes}{pc}{self.late}"
+        lanes = f"_l{self.lane_bits}" if self.lane_bits else ""
+        return f"{self.conv}_{flags}p{self.next_planes}{pc}{self.late}{lanes}"
 
 
 BLOCK_CASES = [
@@ -528,6 +532,10 @@ BLOCK_CASES = [
     BlockCase(Case(2, 16, 6, 6, 16, (3, 3), (2, 2), (1, 1, 1, 1), 1, 1, True), True, True,
               False, True, 0, "hardtanh"),
 ]
+# The NEON form (16-bit lanes, what aarch64 builds) is plain TIR: the same cases on this host.
+LANE_CASES = [dataclasses.replace(c, lane_bits=16) for c in BLOCK_CASES
+              if c.conv.word_bits == 64 and c.spec().vec % 2 == 0]
+BLOCK_CASES += LANE_CASES
 
 
 @dataclass
@@ -552,7 +560,7 @@ def _block_data(case: BlockCase, seed: int) -> BlockData:
     oh, ow = _out_hw(c)
     o = c.out_channels
     ab = (layer.alpha[:, None, :] * layer.beta[None, :, None]).astype(np.float32)
-    wbits = compute.block_weights(layer.wbits, spec.vec)
+    wbits = compute.block_weights(layer.wbits, spec.vec, spec.lane_bits)
     inputs = [layer.packed, wbits, ab]
     if c.bipolar:
         inputs.append(compute.bipolar_table(layer.wsum, spec.geo))
@@ -638,7 +646,8 @@ def test_block_kernel_matches_reference(case: BlockCase):
             np.testing.assert_array_equal(got[-1] & ~differ, packed & ~differ)
 
 
-@pytest.mark.parametrize("case", [BLOCK_CASES[1], BLOCK_CASES[3], BLOCK_CASES[4]], ids=str)
+@pytest.mark.parametrize("case", [BLOCK_CASES[1], BLOCK_CASES[3], BLOCK_CASES[4], LANE_CASES[1]],
+                         ids=str)
 def test_block_rule_bit_exact(case: BlockCase):
     """Random knob draws of the block kernel's rule give the default schedule's bits."""
     data = _block_data(case, _seed(case.conv))
