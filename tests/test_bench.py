@@ -143,6 +143,14 @@ def test_quick_bench_writes_doc_plot_and_json_with_every_peer(tmp_path):
         assert entry["best_ms"] > 0 and entry["median_ms"] >= entry["best_ms"], (peer, entry)
         assert entry["check_rel_err"] < 1e-3 and entry["top1_match"], (peer, entry)
     assert run["models"]["abc1x1"]["ort_rel_err"] < 1e-3  # the yardstick was computed
+    # The engines a user would pick instead: int8 (static QDQ) and OpenVINO. Their outputs
+    # are checked too: int8 and bf16 stay within a few percent of the float twin.
+    for peer in ("ort_int8", "openvino", "openvino_int8"):
+        entry = run["models"][peer]
+        assert entry["best_ms"] > 0 and entry["check_rel_err"] < 0.1, (peer, entry)
+    assert run["models"]["ort_int8"]["approximate"]
+    assert run["models"]["openvino"]["precision"] in ("f32", "bf16", "f16")
+    assert results["meta"]["machine"]["matrix"]
     for peer in ("tvm_fp32", "abc1x1"):  # each float conv against ORT's same op
         convs = _float_convs(run["float_ops"][peer])
         assert convs and all(t is not None and o.ms > 0 and t.ms > 0 for o, t in convs), peer
@@ -165,6 +173,7 @@ def test_quick_bench_writes_doc_plot_and_json_with_every_peer(tmp_path):
     assert text.startswith(f"# Benchmarks\n\n{bench.section_title(results)}\n")
     assert "keep me" in text and text.index("## x86: ") < text.index("## Serving")
     for needle in ("python -m abc_tvm.bench --quick", "ONNX Runtime fp32", "PyTorch eager fp32",
+                   "ONNX Runtime int8", "OpenVINO",
                    "TVM fp32", "abc-tvm ABC-ResNet-20 M=1 N=1", "TOPI tuned", "% of peak",
                    "Popcount peak", "Float layers of abc-tvm ABC-ResNet-20 M=1 N=1",
                    "every float layer <= 1.5x", results["meta"]["machine"]["cpu"]):

@@ -30,6 +30,9 @@ STEP = "@@step "  # a worker's progress line on stdout
 
 FLOAT_PEERS = {
     "ort": "ONNX Runtime fp32",
+    "ort_int8": "ONNX Runtime int8 (static QDQ)",
+    "openvino": "OpenVINO (default precision)",
+    "openvino_int8": "OpenVINO int8 (QDQ model)",
     "torch": "PyTorch eager fp32",
     "tvm_fp32": "TVM fp32 (compile_model)",
 }
@@ -245,6 +248,7 @@ def max_rel_err(y: Any, ref: Any) -> float:
 
 def machine_info() -> dict:
     """CPU model, popcount support, core count, library versions."""
+    from abc_tvm.bench.peers import matrix_features
     from abc_tvm.hostcpu import host_cpu, package_version
 
     cpu = host_cpu()
@@ -258,7 +262,8 @@ def machine_info() -> dict:
         "avx512_vpopcntdq": "avx512_vpopcntdq" in flags, "avx512f": "avx512f" in flags,
         "python": platform.python_version(), "apache-tvm": version("apache-tvm"),
         "apache-tvm-ffi": version("apache-tvm-ffi"), "onnxruntime": version("onnxruntime"),
-        "torch": version("torch"), "kernel": platform.release(),
+        "torch": version("torch"), "openvino": version("openvino"),
+        "matrix": matrix_features(flags), "kernel": platform.release(),
     }
 
 

@@ -42,10 +42,12 @@ def doc_section(results: dict, doc_path: Path | None, plot: Path | None) -> str:
              f"Latest run: {meta['date']}, {meta['wall_s'] / 60:.1f} min wall time, "
              f"produced by", "", "```sh", meta["command"], "```", "",
              f"- Machine: {mach['cpu']}, {mach['cores']} cores visible, AVX-512 VPOPCNTDQ "
-             f"{'yes' if mach['avx512_vpopcntdq'] else 'no'}; TVM target `llvm -mcpu` "
+             f"{'yes' if mach['avx512_vpopcntdq'] else 'no'}; matrix/int8 features: "
+             f"{mach.get('matrix', '-')}; TVM target `llvm -mcpu` "
              f"{_mcpu(results)}; Linux {mach['kernel']}.",
              f"- Software: apache-tvm {mach['apache-tvm']} (ffi {mach['apache-tvm-ffi']}), "
-             f"onnxruntime {mach['onnxruntime']}, torch {mach['torch']}, Python "
+             f"onnxruntime {mach['onnxruntime']}, openvino {mach.get('openvino', '-')}, "
+             f"torch {mach['torch']}, Python "
              f"{mach['python']}.",
              f"- Workload: {pretty} (`abc_tvm.models`), bipolar activations, one α per layer, "
              f"batch 1, {size}x{size} float32 input; threads {', '.join(map(str, meta['threads']))}"
@@ -54,7 +56,11 @@ def doc_section(results: dict, doc_path: Path | None, plot: Path | None) -> str:
              "- Float peers run the float twin (`abc_tvm.models.float_twin`: every ABC conv "
              "replaced by an ordinary conv with the weight Σ α_m B_m, here of the M = N = 1 "
              "model; same architecture and FLOPs for every M, N): ONNX Runtime (CPU EP, all "
-             "graph optimisations, sequential), PyTorch eager "
+             "graph optimisations, sequential) in fp32 and in int8 (the twin quantized by "
+             "ORT's static QDQ quantizer: per-channel s8 weights, u8 activations, MinMax "
+             "calibration on 8 inputs), OpenVINO (CPU plugin, latency hint) at its default "
+             "precision (bf16 where the CPU has AVX-512 BF16 or AMX, else fp32) and on the QDQ "
+             "model (int8), PyTorch eager "
              "(inference_mode), and TVM fp32 = the twin's ONNX through `compile_model` with "
              "its default float schedule, "
              + ("tuned with the given log." if meta.get("tuning_log") else

@@ -167,6 +167,43 @@ def _time_loop(fn: Callable[[], Any], number: int) -> float:
     return (time.perf_counter() - t0) / number
 
 
+def _engine_peers(twin: dict, x: Any, ref: Any, threads: int, outputs: dict, refs: dict,
+                  errors: dict) -> None:
+    """The float twin in ONNX Runtime fp32 and int8 and in OpenVINO (`peers`): a peer that
+    cannot be built is an error row, not a failed bench."""
+    from abc_tvm.bench import peers as P
+
+    builders: dict[str, Callable[[], Any]] = {
+        "ort": lambda: P.ort_runner(twin["onnx"], x, threads),
+        "ort_int8": lambda: P.ort_runner(_qdq(twin, x), x, threads),
+        "openvino": lambda: _openvino(P.openvino_runner(twin["onnx"], x, threads), "openvino"),
+        "openvino_int8": lambda: _openvino(P.openvino_runner(_qdq(twin, x), x, threads),
+                                           "openvino_int8"),
+    }
+    for name, build in builders.items():
+        try:
+            outputs[name] = build()
+            refs[name] = ref
+        except Exception as e:  # noqa: BLE001 - a failed peer is reported, not fatal
+            errors[name] = f"{type(e).__name__}: {e}"
+
+
+_PRECISIONS: dict[str, str] = {}  # OpenVINO peer -> the inference precision it chose
+
+
+def _openvino(built: tuple[Callable[[], Any], str], name: str) -> Callable[[], Any]:
+    fn, precision = built
+    _PRECISIONS[name] = precision
+    return fn
+
+
+def _qdq(twin: dict, x: Any) -> str:
+    """The twin's static-QDQ int8 model, beside the twin's ONNX (made once, then cached)."""
+    from abc_tvm.bench.peers import quantize_qdq
+
+    return str(quantize_qdq(twin["onnx"], x, Path(twin["onnx"]).with_suffix(".qdq.onnx")))
+
+
 def _measure_models(job: dict) -> dict:
     """Whole models: every peer of this thread count, samples interleaved round by round."""
     import numpy as np
@@ -186,18 +223,7 @@ def _measure_models(job: dict) -> dict:
     if twin:
         x = np.load(twin["x"])
         twin_ref = np.load(twin["ref"])
-        try:
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-            opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            sess = ort.InferenceSession(twin["onnx"], opts, providers=["CPUExecutionProvider"])
-            feed = {sess.get_inputs()[0].name: x}
-            outputs["ort"] = lambda sess=sess, feed=feed: sess.run(None, feed)[0]
-            refs["ort"] = twin_ref
-        except Exception as e:  # noqa: BLE001 - a failed peer is reported, not fatal
-            errors["ort"] = f"{type(e).__name__}: {e}"
+        _engine_peers(twin, x, twin_ref, threads, outputs, refs, errors)
         try:
             from abc_tvm.models import float_twin
 
@@ -270,6 +296,10 @@ def _measure_models(job: dict) -> dict:
     for name in peers:
         result[name] = {**stats(samples[name]), "number": numbers[name],
                         **checks.get(name, {})}
+        if name in _PRECISIONS:
+            result[name]["precision"] = _PRECISIONS[name]
+        if name.endswith("int8") or _PRECISIONS.get(name, "f32") != "f32":
+            result[name]["approximate"] = True  # int8/bf16: its error is the engine's choice
     for name, err in errors.items():
         result[name] = {"error": err}
     return result
