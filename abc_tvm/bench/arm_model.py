@@ -90,13 +90,14 @@ def table(found: list[dict]) -> str:
 
 
 def kernel_table(r: dict, top: int = 14) -> str:
-    out = ["| kernel | kind | M cycles | ms | work (M MACs or bit-MACs) | % of model peak "
-           "| memory-bound |", "|---|---|---|---|---|---|---|"]
+    out = ["| kernel | kind | calls | M cycles | ms | work (M MACs or bit-MACs, all calls) "
+           "| % of model peak | memory-bound |", "|---|---|---|---|---|---|---|---|"]
     ghz = r["ghz"]
     for k in sorted(r["kernels"], key=lambda k: -k["modelled"])[:top]:
         pct = "-" if k["pct_peak"] is None else f"{k['pct_peak']:.0f}%"
         mem = "yes" if k["memory_cycles"] > k["cycles"] else ""
-        out.append(f"| `{k['name'][:64]}` | {k['kind']} | {_mcyc(k['modelled'])} | "
+        out.append(f"| `{k['name']}` | {k['kind']} | {k.get('calls', 1)} | "
+                   f"{_mcyc(k['modelled'])} | "
                    f"{k['modelled'] / ghz / 1e6:.2f} | {k['work'] / 1e6:.1f} | {pct} | {mem} |")
     return "\n".join(out)
 

@@ -348,6 +348,7 @@ class KernelRow:
     nbytes: int
     memory_cycles: float
     pct_peak: float | None = None
+    calls: int = 1  # one name, several calls (ReActNet's five 512@14 blocks): work x calls
 
     @property
     def modelled(self) -> float:
@@ -386,6 +387,15 @@ class Estimate:
                 "kernels": [{**k.__dict__, "modelled": k.modelled} for k in self.kernels]}
 
 
+def _calls(sym: Symbols, counts: dict[int, Block]) -> dict[str, int]:
+    """Calls per inference of each function: executions of the block at its entry."""
+    if sym.base is None:
+        return {}
+    return {name: max(1, round(counts[sym.base + start].count))
+            for start, name in zip(sym.starts, sym.names, strict=True)
+            if sym.base + start in counts}
+
+
 def estimate(bundle: str | os.PathLike, x: np.ndarray, target: str = "rpi4",
              repeat: int = 2) -> Estimate:
     """Model one inference of a bundle on the board `target` names."""
@@ -405,14 +415,17 @@ def estimate(bundle: str | os.PathLike, x: np.ndarray, target: str = "rpi4",
         per[name.removesuffix("_compute_")] += b.count * costs[v]
     pk = peaks(core)
     hz = core.ghz * 1e9
+    calls = _calls(sym, counts)
     rows = []
     for name, cyc in sorted(per.items(), key=lambda kv: -kv[1]):
         kind, work, nbytes = kernel_work(name, kernels.get(name, []))
+        n = calls.get(name, 1)
+        work, nbytes = work * n, nbytes * n
         mem = nbytes / (core.dram_gbs * 1e9) * hz
         rate = pk["bitmacs_per_cycle"] if kind == "binary" else pk["fmas_per_cycle"]
         pct = 100 * work / rate / cyc if work and cyc else None
         rows.append(KernelRow(name, kind if name in kernels or kind != "other" else "runtime",
-                              cyc, work, nbytes, mem, pct))
+                              cyc, work, nbytes, mem, pct, n))
     outside = sum(b.count * len(b.words) for v, b in counts.items() if v not in inside)
     insns = sum(b.count * len(b.words) for b in counts.values())
     notes = [] if sym.base is not None else ["the model .so was not found in qemu's blocks"]
