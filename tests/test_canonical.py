@@ -320,3 +320,22 @@ def test_maxpool_after_a_relu_alone_stays():
                helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2])],
               [("x", [1, 3, 4, 4])], [("p", [1, 3, 3, 3])])
     assert rules.pool_before_binarizer(Graph(m)) == []
+
+
+# ------------------------------------------------------------------ min_max_as_clip
+
+def test_clip_by_value_becomes_clip():
+    """tf.clip_by_value through tf2onnx (DoReFa's quantizer): Max(Min(x, 1), 0) with [1,1,1,1]
+    constants is Clip(x, 0, 1), bit for bit; Min of two tensors stays."""
+    one, zero = np.ones((1, 1, 1, 1), np.float32), np.zeros((1, 1, 1, 1), np.float32)
+    m = model([helper.make_node("Min", ["x", "one"], ["a"]),
+               helper.make_node("Max", ["a", "zero"], ["b"]),
+               helper.make_node("Min", ["b", "x"], ["y"])],
+              [("x", [2, 3, 4, 4])], [("y", [2, 3, 4, 4])], [("one", one), ("zero", zero)])
+    g = Graph(m)
+    notes = rules.min_max_as_clip(g)
+    out = g.to_model()
+    assert [n.rule for n in notes] == ["min_max_as_clip"] * 2
+    assert ops(out) == ["Clip", "Clip", "Min"]
+    x = np.random.default_rng(0).normal(0.5, 1, (2, 3, 4, 4)).astype(np.float32)
+    np.testing.assert_array_equal(run(out, x), run(m, x))

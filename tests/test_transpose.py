@@ -114,8 +114,55 @@ def test_reshape_of_a_1x1_map_reads_the_untransposed_value():
                 helper.make_node("Reshape", ["s", "shape"], ["y"])],
                [2, 8, 1, 1], [2, 8], [("shape", np.array([-1, 8], np.int64))])
     out, _ = _pushed(m)
-    assert _ops(out) == ["Sign", "Reshape"]
+    assert "Transpose" not in _ops(out)
     _same(m, out, [2, 8, 1, 1])
+
+
+def test_reshape_pair_around_a_binarizer_cancels():
+    """XNOR-Net's FC-like conv on a 1x1 map through tf2onnx: Reshape(NCHW -> [1,1,1,C]) ->
+    ste_sign -> Reshape([1,C,1,1]) -> Conv: the second Reshape moves up through the sign
+    and cancels the first; the conv reads the binarizer."""
+    w = np.where(np.random.default_rng(2).random((5, 8, 1, 1)) < 0.5, -1, 1).astype(np.float32)
+    m = _model([helper.make_node("Reshape", ["x", "s1"], ["r"]),
+                helper.make_node("Sign", ["r"], ["a"]), helper.make_node("Add", ["a", "c"], ["b"]),
+                helper.make_node("Sign", ["b"], ["s"]),
+                helper.make_node("Reshape", ["s", "s2"], ["r2"]),
+                helper.make_node("Conv", ["r2", "w"], ["y"])],
+               [1, 8, 1, 1], [1, 5, 1, 1],
+               [("s1", np.array([1, 1, 1, 8], np.int64)), ("s2", np.array([1, 8, 1, 1], np.int64)),
+                ("c", np.float32(0.1)), ("w", w)])
+    out, notes = _pushed(_with_transpose(m))
+    assert [o for o in _ops(out) if o != "Transpose"] == ["Sign", "Add", "Sign", "Conv"]
+    assert "Reshape pair cancelled" in [n.detail for n in notes]
+    _same(m, out, [1, 8, 1, 1])
+
+
+def test_a_real_flatten_stays_before_the_binarizer():
+    """BinaryAlexNet's flatten of a 6x6 map is an NHWC flatten (Transpose then Reshape): it
+    stays, but the Reshape to [1, C, 1, 1] joins it above the sign, so the FC-like conv reads
+    its binarizer."""
+    w = np.where(np.random.default_rng(3).random((5, 18, 1, 1)) < 0.5, -1, 1).astype(np.float32)
+    m = _model([_t("x", "h", TO_NHWC), helper.make_node("Reshape", ["h", "s1"], ["r"]),
+                helper.make_node("Sign", ["r"], ["s"]),
+                helper.make_node("Reshape", ["s", "s2"], ["r2"]),
+                helper.make_node("Conv", ["r2", "w"], ["y"])],
+               [1, 2, 3, 3], [1, 5, 1, 1],
+               [("s1", np.array([1, 1, 1, 18], np.int64)),
+                ("s2", np.array([1, 18, 1, 1], np.int64)), ("w", w)])
+    out, _ = _pushed(m)
+    assert _ops(out) == ["Transpose", "Reshape", "Sign", "Conv"]
+    _same(m, out, [1, 2, 3, 3])
+
+
+def _with_transpose(m: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with an input Transpose pair in front (the rule runs where tf2onnx left
+    transposes, as every tf2onnx export has at its input)."""
+    m = onnx.ModelProto.FromString(m.SerializeToString())
+    first = m.graph.node[0]
+    first.input[0] = "xt2"
+    m.graph.node.insert(0, _t("xt1", "xt2", TO_NCHW))
+    m.graph.node.insert(0, _t("x", "xt1", TO_NHWC))
+    return m
 
 
 def test_a_small_computed_scale_is_brought_into_the_layout():

@@ -32,8 +32,9 @@ def canonicalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Note]]:
         model = fold_constants(model)
         notes.append(Note("", "fold_constants", "constants folded by ONNX Runtime"))
     g = Graph(model)
-    changed = (push_transposes(g) + rules.snap_weights(g) + rules.split_conv_bias(g)
-               + rules.pool_before_binarizer(g) + rules.binary_fc_as_conv(g))
+    changed = (push_transposes(g) + rules.min_max_as_clip(g) + rules.snap_weights(g)
+               + rules.split_conv_bias(g) + rules.pool_before_binarizer(g)
+               + rules.binary_fc_as_conv(g))
     if changed:
         model = g.to_model()
     return model, notes + changed

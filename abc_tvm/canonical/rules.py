@@ -302,3 +302,41 @@ def _hoist_reshape(g: Graph, value: str, shape: list[int]) -> str:
         new = g.producer(out)
         node.name, new.name = new.name, node.name
     return out
+
+
+def min_max_as_clip(g: Graph) -> list[Note]:
+    """Min(x, c) and Max(x, c) with a one-element constant c are Clip(x, -, c) and
+    Clip(x, c, -): what `tf.clip_by_value` exports to through tf2onnx (DoReFa's quantizer
+    `Max(Min(x, 1), 0)`). The matcher reads a Clip as a bound of the binarizer chain, and TVM
+    imports it as one elementwise op (its Min/Max are a stack and a reduction, on which its
+    layout conversion fails)."""
+    opset = next((o.version for o in g.model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    notes = []
+    for node in list(g.nodes):
+        if node.op_type not in ("Min", "Max") or len(node.input) != 2:
+            continue
+        consts = [g.const(i) for i in node.input]
+        if (consts[0] is None) == (consts[1] is None):
+            continue
+        k = 0 if consts[1] is not None else 1
+        c, x = consts[1 - k], node.input[k]
+        if c.size != 1 or c.dtype != np.float32:
+            continue
+        if c.ndim > 0 and (g.shape_of(x) is None or c.ndim > len(g.shape_of(x))):
+            continue  # the constant would broadcast x to a higher rank
+        bound = np.float32(c.reshape(()))
+        lo, hi = (bound, None) if node.op_type == "Max" else (None, bound)
+        out = node.output[0]
+        g.nodes.remove(node)
+        if opset >= 11:
+            ins = [x, "" if lo is None else g.add_const(lo, f"{node.name}.min"),
+                   "" if hi is None else g.add_const(hi, f"{node.name}.max")]
+            g.add_node_named("Clip", [i for i in ins if i] if hi is None else ins, [out],
+                             node.name or "clip")
+        else:
+            bounds = {k: float(v) for k, v in (("min", lo), ("max", hi)) if v is not None}
+            g.add_node_named("Clip", [x], [out], node.name or "clip", **bounds)
+        notes.append(Note(node.name, "min_max_as_clip", f"{node.op_type} with {bound:g} as Clip"))
+    if notes:
+        g.prune()
+    return notes

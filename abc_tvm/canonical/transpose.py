@@ -7,7 +7,8 @@ Transpose(0,3,1,2) -> Conv`. A binarizer then reaches its conv only through a tr
 and the matcher sees no binary block. `push_transposes` moves each Transpose down through
 ops that commute with it (elementwise ops, their constants permuted; Pad, its pads
 permuted; Concat, ReduceMax and ReduceMin, their axes permuted; reshapes of a transpose that only
-moves size-1 axes) until it meets its inverse, and the pair cancels. Every rewrite keeps
+moves size-1 axes) until it meets its inverse, and the pair cancels; a Reshape moves up through
+a binarizer to the Reshape before it (the flatten before an FC-like conv). Every rewrite keeps
 the values bit for bit: a layout change moves elements, it computes nothing.
 """
 
@@ -93,11 +94,15 @@ class _Pusher:
         return self.shapes.get(value) or self.g.shape_of(value)
 
     def run(self) -> list[Note]:
+        self.g.shape_of(self.g.outputs[0])  # shapes inferred once, on the graph as it came
         changed = True
         while changed:
             changed = False
-            for t in [n for n in self.g.nodes if n.op_type == "Transpose"]:
+            for t in [n for n in self.g.nodes if n.op_type in ("Transpose", "Reshape")]:
                 if not any(n is t for n in self.g.nodes) or self.g.const(t.input[0]) is not None:
+                    continue
+                if t.op_type == "Reshape":
+                    changed |= self._pull_reshape(t)
                     continue
                 p = _perm(self.g, t)
                 if p is None:
@@ -109,6 +114,62 @@ class _Pusher:
                     self.g.remove(t)
         self.g.prune()
         return self.notes
+
+    # -- reshapes -------------------------------------------------------------------------
+
+    def _pull_reshape(self, r: onnx.NodeProto) -> bool:
+        """A Reshape moves up through single-reader elementwise ops with scalar constants
+        (they do not see the shape) and merges with the Reshape it meets; a reshape back to
+        the original shape cancels. tf2onnx writes the NHWC flatten before an FC-like conv
+        (AlexNet, XNOR-Net) as `Reshape -> binarizer -> Reshape -> Conv`: the conv then reads
+        its binarizer directly."""
+        if len(r.input) < 2 or self.g.const(r.input[1]) is None or _attr(r, "allowzero", 0):
+            return False
+        shape = np.asarray(self.g.const(r.input[1])).reshape(-1)
+        value = r.input[0]
+        n = self.g.producer(value)
+        if n is None:
+            return False
+        if n.op_type == "Reshape" and not np.any(shape == 0):
+            x = n.input[0]
+            self.g.set_input(r, 0, x)
+            if self.shape(r.output[0]) is not None and self.shape(r.output[0]) == self.shape(x):
+                readers = self.g.consumers(r.output[0])
+                self.g.replace_uses(r.output[0], x)
+                self.g.remove(r)
+                self.notes.append(Note(readers[0].name if readers else r.name,
+                                       "push_transposes", "Reshape pair cancelled"))
+            if not self.g.consumers(value) and not self.g.is_output(value):
+                self.g.remove(n)
+            return True
+        if n.op_type not in _ELEMENTWISE or len(n.output) != 1 or n.domain not in ("", "ai.onnx") \
+                or len(self.g.consumers(value)) != 1 or self.g.is_output(value):
+            return False
+        data = [i for i in n.input if i and self.g.const(i) is None]
+        if len(set(data)) != 1 or not self._scalar_operands(n, data[0], shape.size):
+            return False
+        out = r.output[0]
+        out_shape = self.shape(out)
+        self.g.remove(r)
+        (moved,) = self.g.add_node("Reshape", [data[0], r.input[1]], f"{n.name or n.op_type}.r")
+        if out_shape is not None:
+            self.shapes[moved] = out_shape
+        for k, i in enumerate(list(n.input)):
+            if i == data[0]:
+                self.g.set_input(n, k, moved)
+        self.g.rename_output(n, value, out)
+        return True
+
+    def _scalar_operands(self, n: onnx.NodeProto, value: str, rank: int) -> bool:
+        """Every input of `n` other than `value` is a one-element constant of rank ≤ rank
+        (so the result has the shape of `value`, whatever shape that is)."""
+        for i in n.input:
+            if not i or i == value:
+                continue
+            c = self.g.const(i)
+            if c is None or c.size != 1 or c.ndim > rank:
+                return False
+        return True
 
     # -- one consumer ---------------------------------------------------------------------
 
