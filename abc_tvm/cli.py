@@ -276,7 +276,10 @@ def main(argv: list[str] | None = None) -> int:
               f"please report it with the model): {e}", file=sys.stderr)
         return 3
     except (UserError, ValueError, FileNotFoundError) as e:
-        print(f"abc-tvm {args.command}: error: {e}", file=sys.stderr)
+        from abc_tvm.limits import tvm_error  # a ValueError from TVM may span 50 lines
+
+        print(f"abc-tvm {args.command}: error: {e if isinstance(e, UserError) else tvm_error(e)}",
+              file=sys.stderr)
         return 2
     return 0
 

@@ -15,11 +15,12 @@ from pathlib import Path
 import onnx
 import tvm
 
-from abc_tvm import frontend, pattern, targets
+from abc_tvm import frontend, limits, pattern, targets
 from abc_tvm.blocks import Front, front
 from abc_tvm.canonical import Note, rules_for, summary_lines
 from abc_tvm.errors import InternalError, UserError
 from abc_tvm.relay_passes.abc_rewrite import rewrite
+from abc_tvm.runtime import MANIFEST_DIGEST_KEY, manifest_digest
 
 MANIFEST_SUFFIX = ".json"
 
@@ -191,16 +192,26 @@ def _report(fr: Front, model_name: str, spec: targets.TargetSpec, rewritten: lis
 @contextlib.contextmanager
 def internal(stage: str, fr: Front) -> Iterator[None]:
     """TVM failing on a module abc-tvm built is abc-tvm's bug, not the model's: its error
-    becomes an InternalError naming the stage and the model's binary blocks."""
+    becomes a one-line InternalError naming the stage and the model's binary blocks; a
+    tensor too large for TVM's 32-bit indices is the model's (a UserError naming the largest
+    tensor). abc-tvm's own ValueErrors (bad kernel parameters) pass through unchanged."""
     try:
         yield
-    except (RuntimeError, TypeError, AttributeError, AssertionError, KeyError) as e:
-        if isinstance(e, InternalError):
+    except (RuntimeError, TypeError, AttributeError, AssertionError, KeyError,
+            ValueError) as e:
+        if isinstance(e, (InternalError, UserError)) or (
+                type(e) is ValueError and not limits.from_tvm(e)):
             raise
+        if limits.int32_overflow(e):
+            big = limits.largest_tensor(fr.proto)
+            where = (f"; the largest is layer {big[0]}'s output {big[1]!r}, shape {big[2]}"
+                     if big else "")
+            raise UserError(f"{stage} failed: a tensor of the model (or one TVM makes from "
+                            f"it, e.g. a padded input) has more than {limits.LIMIT_TEXT}"
+                            f"{where}: use a smaller input") from None
         names = ", ".join(b.name for b in fr.blocks[:4]) + (" ..." if len(fr.blocks) > 4 else "")
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise InternalError(f"{stage} failed ({type(e).__name__}: {first}); binary blocks: "
-                            f"{names or 'none'}") from e
+        raise InternalError(f"{stage} failed ({type(e).__name__}: {limits.tvm_error(e)}); "
+                            f"binary blocks: {names or 'none'}") from e
 
 
 def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
@@ -221,6 +232,7 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
     if not output.parent.exists():
         raise UserError(f"output directory {output.parent} does not exist")
     fr = front(model)
+    limits.check_tensor_sizes(fr.proto)  # before TVM's 50-line int32 overflow dump
     proto, mod = fr.proto, fr.mod
     model_name = str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>"
     with internal("the binary-block rewrite", fr):
@@ -286,6 +298,7 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
             "abc_layers": report.abc_layers,
             "kernels": kernel_signatures(lowered),
         }
+        manifest[MANIFEST_DIGEST_KEY] = manifest_digest(manifest)  # checked by runtime.load
         os.replace(tmp, output)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

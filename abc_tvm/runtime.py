@@ -1,7 +1,10 @@
 """Load a compiled abc-tvm module (.so + manifest) and run it on this host, or on the board.
 
-`load(path)` checks the .so against the sha256 in its manifest before TVM sees it, so a
-corrupt or tampered file is refused with a clear message instead of being dlopen'ed.
+`load(path)` checks the manifest against its own digest (`manifest_sha256`) and the .so
+against the sha256 in the manifest before TVM sees it, so a corrupt or changed file is
+refused with a clear message instead of being dlopen'ed. The hashes detect accidents and
+mismatched copies, not an attacker: anyone who can write the files can rewrite the hashes
+too (docs/reliability.md, "Tampered artifacts").
 
 Only the TVM runtime is needed here (no ONNX, no compiler), so the module also works on an
 aarch64 board that has Python and the apache-tvm wheel.
@@ -40,6 +43,9 @@ from abc_tvm.errors import UserError
 # compiler pulls in ONNX and the Relax frontend, which a board need not have.
 MANIFEST_SUFFIX = ".json"
 
+# The manifest's digest of its own other fields (manifest_digest); older manifests have none.
+MANIFEST_DIGEST_KEY = "manifest_sha256"
+
 # platform.machine() spellings of the architectures targets.arch_of names.
 _MACHINE_ALIASES = {"amd64": "x86_64", "arm64": "aarch64", "armv7l": "armv7"}
 
@@ -70,6 +76,16 @@ def sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its own digest field: a change to
+    any field (a shape, the target, the CPU features, the .so's sha256) changes it, so a
+    manifest edited after compilation is caught even where the .so is intact; whitespace
+    and key order do not count."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST_KEY}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _tensor_infos(manifest: dict, key: str, mpath: Path) -> list[TensorInfo]:
@@ -227,6 +243,10 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise UserError(f"manifest {mpath} is not valid JSON: {e}") from None
     if not isinstance(manifest, dict):
         raise UserError(f"manifest {mpath} is not a JSON object")
+    digest = manifest.get(MANIFEST_DIGEST_KEY)
+    if digest is not None and digest != manifest_digest(manifest):
+        raise UserError(f"manifest {mpath.name} does not match its own {MANIFEST_DIGEST_KEY}: "
+                        "it was edited or corrupted after compilation; recompile the model")
     if sha256(path) != manifest.get("sha256"):
         raise UserError(f"{path} does not match the sha256 in {mpath.name}: the file was "
                         "changed or corrupted after compilation; recompile it")

@@ -31,6 +31,7 @@ from abc_tvm import deploy, schedules, targets
 from abc_tvm import reference as ref
 from abc_tvm.compiler import pipeline, sha256
 from abc_tvm.errors import UserError
+from abc_tvm.runtime import MANIFEST_DIGEST_KEY, manifest_digest
 from abc_tvm.schedules import arm
 from abc_tvm.schedules import compute as C
 
@@ -564,6 +565,7 @@ def test_make_bundle_refuses_other_targets(tmp_path):
     (tmp_path / "busy" / "mine.txt").write_text("keep")
     manifest = json.loads(Path(str(so) + ".json").read_text())
     manifest["target"]["name"] = "armv7"
+    manifest[MANIFEST_DIGEST_KEY] = manifest_digest(manifest)  # an armv7 manifest, sealed
     Path(str(so) + ".json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="armv7"):
         deploy.make_bundle(so, tmp_path / "busy")

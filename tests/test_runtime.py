@@ -17,7 +17,7 @@ from abc_tvm.compiler import compile_model
 from abc_tvm.errors import UserError
 from abc_tvm.export import to_onnx
 from abc_tvm.nn import ABCConv2d
-from abc_tvm.runtime import CompiledModel, load, read_manifest
+from abc_tvm.runtime import MANIFEST_DIGEST_KEY, CompiledModel, load, manifest_digest, read_manifest
 
 
 def tiny_net() -> torch.nn.Module:
@@ -42,6 +42,12 @@ def ort_ref(onnx_path: Path, x: np.ndarray) -> np.ndarray:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     return ort.InferenceSession(str(onnx_path), opts).run(None, {"input": x})[0]
+
+
+def reseal(manifest: dict) -> dict:
+    """The manifest with its digest recomputed: these tests edit a field on purpose to
+    reach the check behind the digest (test_tamper.py checks the digest itself)."""
+    return {**manifest, MANIFEST_DIGEST_KEY: manifest_digest(manifest)}
 
 
 def copy_module(so: Path, dst: Path) -> Path:
@@ -99,7 +105,7 @@ def test_corrupt_so_with_matching_hash_is_refused(tiny, tmp_path):
     manifest = json.loads(Path(str(bad) + ".json").read_text())
     import hashlib
     manifest["sha256"] = hashlib.sha256(bad.read_bytes()).hexdigest()
-    Path(str(bad) + ".json").write_text(json.dumps(manifest))
+    Path(str(bad) + ".json").write_text(json.dumps(reseal(manifest)))
     with pytest.raises(UserError, match="cannot load"):
         load(bad)
 
@@ -118,7 +124,7 @@ def test_manifest_problems_are_refused(tiny, tmp_path):
     nometa = copy_module(tiny[1], tmp_path / "nometa.so")
     manifest = json.loads(Path(str(nometa) + ".json").read_text())
     del manifest["inputs"]
-    Path(str(nometa) + ".json").write_text(json.dumps(manifest))
+    Path(str(nometa) + ".json").write_text(json.dumps(reseal(manifest)))
     with pytest.raises(UserError, match="inputs"):
         load(nometa)
 
@@ -130,7 +136,7 @@ def test_arm_module_is_refused_on_x86_host(tiny, tmp_path, target, arch):
     arm = copy_module(tiny[1], tmp_path / "arm.so")
     manifest = json.loads(Path(str(arm) + ".json").read_text())
     manifest["target"]["name"] = target
-    Path(str(arm) + ".json").write_text(json.dumps(manifest))
+    Path(str(arm) + ".json").write_text(json.dumps(reseal(manifest)))
     with pytest.raises(UserError, match=f"compiled for {arch} .*--target {target}.*x86_64 host"):
         load(arm)
 

@@ -6,6 +6,7 @@
     DIR/bin/abc-run                      the C++ runner (abc_run.cc here), cross-compiled
     DIR/lib/libtvm_runtime.so, libtvm_ffi.so   from the aarch64 apache-tvm(-ffi) wheels
     DIR/run.sh, DIR/README.md, DIR/bundle.json
+    DIR/SHA256SUMS                       what run.sh checks before running (sha256sum -c)
     DIR/src/                             the runner's source and tvm-ffi headers
 
 The runtime libraries come from the aarch64 wheels of exactly the TVM and tvm-ffi versions
@@ -322,6 +323,8 @@ def make_bundle(so_path: str | os.PathLike, bundle_dir: str | os.PathLike,
         "requires": {"glibc": glibc, "glibcxx": glibcxx},
         "input": manifest["inputs"][0], "outputs": manifest["outputs"],
     }, indent=1))
+    write_checksums(bundle, [model, f"{model}.json", "bin/abc-run",
+                             *(f"lib/{lib}" for lib in RUNTIME_LIBS), "run.sh"])
     checked = ""
     if check and emulator() is not None:
         shape = tuple(manifest["inputs"][0]["shape"])
@@ -331,6 +334,21 @@ def make_bundle(so_path: str | os.PathLike, bundle_dir: str | os.PathLike,
         print(f"wrote bundle {bundle}: {model}, bin/abc-run, lib/ (TVM {runtime.tvm_version} "
               f"aarch64 runtime), run.sh, README.md{checked}")
     return bundle
+
+
+CHECKSUMS = "SHA256SUMS"
+
+
+def write_checksums(bundle: Path, names: list[str]) -> Path:
+    """`sha256sum -c`-format checksums of the bundle's files, which run.sh checks before it
+    runs anything: a model, manifest, runner or runtime library swapped or corrupted in the
+    copy to the board is refused in one line. Accidents only: not a signature."""
+    from abc_tvm.runtime import sha256
+
+    lines = [f"{sha256(bundle / name)}  {name}\n" for name in names]
+    path = bundle / CHECKSUMS
+    path.write_text("".join(lines))
+    return path
 
 
 # ------------------------------------------------------------------------- running

@@ -2,8 +2,9 @@
 //
 //   abc-run MODEL.so IN.npy OUT.npy [--repeat N]
 //
-// Reads IN.npy (float32, C order), checks its shape against MODEL.so.json (the manifest
-// written by `abc-tvm compile`, when present), runs the Relax VM entry `main` and writes
+// Checks MODEL.so against the sha256 in MODEL.so.json (the manifest written by `abc-tvm
+// compile`, when present) before dlopen, reads IN.npy (float32, C order), checks its shape
+// against the manifest, runs the Relax VM entry `main` and writes
 // the output as OUT.npy (float32, C order). With --repeat N it also times N runs (after one
 // warm-up) and prints the mean and minimum in ms on stderr.
 //
@@ -239,6 +240,78 @@ void WriteNpy(const std::string& path, const std::vector<int64_t>& shape, const 
   if (!out) Fail(kBadInput, "cannot write output " + path);
 }
 
+// --------------------------------------------------------------------------- sha256
+
+// SHA-256 (FIPS 180-4) of a byte string, as lowercase hex: the model is checked against
+// its manifest before dlopen, so a corrupted or swapped .so is refused, not executed.
+// A checksum against accidents, not a signature (see docs/reliability.md).
+std::string Sha256Hex(const std::string& data) {
+  static const uint32_t k[64] = {
+      0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
+      0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
+      0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
+      0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
+      0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
+      0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
+      0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
+      0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+      0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+      0xc67178f2};
+  uint32_t h[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                   0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+  auto rotr = [](uint32_t x, int n) { return (x >> n) | (x << (32 - n)); };
+  std::string msg = data;
+  const uint64_t bits = static_cast<uint64_t>(data.size()) * 8;
+  msg.push_back(static_cast<char>(0x80));
+  while (msg.size() % 64 != 56) msg.push_back('\0');
+  for (int i = 7; i >= 0; --i) msg.push_back(static_cast<char>((bits >> (8 * i)) & 0xff));
+  for (size_t off = 0; off < msg.size(); off += 64) {
+    uint32_t w[64];
+    for (int i = 0; i < 16; ++i) {
+      const auto* b = reinterpret_cast<const unsigned char*>(msg.data() + off + 4 * i);
+      w[i] = (uint32_t{b[0]} << 24) | (uint32_t{b[1]} << 16) | (uint32_t{b[2]} << 8) | b[3];
+    }
+    for (int i = 16; i < 64; ++i) {
+      uint32_t s0 = rotr(w[i - 15], 7) ^ rotr(w[i - 15], 18) ^ (w[i - 15] >> 3);
+      uint32_t s1 = rotr(w[i - 2], 17) ^ rotr(w[i - 2], 19) ^ (w[i - 2] >> 10);
+      w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+    }
+    uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], hh = h[7];
+    for (int i = 0; i < 64; ++i) {
+      uint32_t t1 = hh + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) +
+                    k[i] + w[i];
+      uint32_t t2 = (rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+      hh = g; g = f; f = e; e = d + t1; d = c; c = b; b = a; a = t1 + t2;
+    }
+    h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e; h[5] += f; h[6] += g; h[7] += hh;
+  }
+  char hex[65];
+  for (int i = 0; i < 8; ++i) std::snprintf(hex + 8 * i, 9, "%08x", h[i]);
+  return std::string(hex, 64);
+}
+
+// The manifest's "sha256" string, or "" where it has none.
+std::string ManifestSha256(const std::string& json) {
+  size_t at = json.find("\"sha256\"");
+  size_t colon = at == std::string::npos ? at : json.find(':', at);
+  size_t open = colon == std::string::npos ? colon : json.find('"', colon);
+  size_t close = open == std::string::npos ? open : json.find('"', open + 1);
+  return close == std::string::npos ? "" : json.substr(open + 1, close - open - 1);
+}
+
+// A model whose manifest is present must match the sha256 in it (a manifest without one
+// was not written by abc-tvm compile, and is refused rather than trusted).
+void CheckSha256(const std::string& model, const std::string& manifest) {
+  if (manifest.empty()) return;
+  const std::string want = ManifestSha256(manifest);
+  if (want.empty()) Fail(kBadInput, model + ".json holds no sha256 of the model: recompile it");
+  if (Sha256Hex(ReadFile(model, "model")) != want) {
+    Fail(kBadInput, model + " does not match the sha256 in its manifest " + model +
+                        ".json: the file was changed, corrupted or swapped after "
+                        "compilation; copy or compile it again");
+  }
+}
+
 // ----------------------------------------------------------------------- manifest
 
 // MODEL.so.json's text, or "" where there is none (a model copied without it is run
@@ -353,8 +426,9 @@ int Run(int argc, char** argv) {
   }
   if (args.size() != 3) Fail(kBadInput, "usage: abc-run MODEL.so IN.npy OUT.npy [--repeat N]");
   const std::string& model = args[0];
-  CheckElf(model);
   const std::string manifest = ReadManifest(model + ".json");
+  CheckSha256(model, manifest);
+  CheckElf(model);
   CheckCpuFeatures(model, manifest);
   Array x = ReadNpy(args[1]);
   std::vector<int64_t> expected;

@@ -11,14 +11,20 @@ fail() {
   exit 2
 }
 for f in "$here/bin/abc-run" "$here/lib/libtvm_runtime.so" "$here/lib/libtvm_ffi.so" \
-         "$model" "$model.json"; do
+         "$model" "$model.json" "$here/SHA256SUMS"; do
   [ -f "$f" ] || fail "$f is missing: copy the whole bundle directory (bin/, lib/, the model and its .json)"
 done
+# Every file against SHA256SUMS (written by abc-tvm compile --bundle): a corrupted or
+# swapped model, manifest, runner or library is refused before anything runs. Without
+# sha256sum (a minimal board) bin/abc-run still checks the model against its manifest.
 if command -v sha256sum >/dev/null 2>&1; then
-  want=$(sed -n 's/.*"sha256": *"\([0-9a-f]*\)".*/\1/p' "$model.json" | head -n 1)
-  have=$(sha256sum "$model" | cut -d ' ' -f 1)
-  [ -z "$want" ] || [ "$want" = "$have" ] || \
-    fail "@MODEL@ does not match the sha256 in @MODEL@.json: the copy is corrupted; copy it again"
+  while read -r want name; do
+    [ -n "$name" ] || continue
+    [ -f "$here/$name" ] || fail "$name (listed in SHA256SUMS) is missing: copy the whole bundle directory"
+    have=$(sha256sum "$here/$name" | cut -d ' ' -f 1)
+    [ "$want" = "$have" ] || \
+      fail "$name does not match its sha256 in SHA256SUMS: the file was changed, corrupted or swapped after the bundle was made; copy the bundle again"
+  done < "$here/SHA256SUMS"
 fi
 emulator=${ABC_RUN_EMULATOR:-}
 machine=$(uname -m)
