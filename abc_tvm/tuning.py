@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,16 +32,107 @@ KERNEL_SETS = ("all", "abc", "float")
 TASKS = "tasks.json"  # names of the kernels tuned into a database, to skip it cheaply
 
 
-def open_database(log_dir: str | os.PathLike) -> ms.database.JSONDatabase:
-    """The MetaSchedule JSON database kept in `log_dir` (created if missing)."""
+def open_database(log_dir: str | os.PathLike,
+                  repair: bool = True) -> ms.database.JSONDatabase:
+    """The MetaSchedule JSON database kept in `log_dir` (created if missing).
+
+    A tuner killed mid-write (kill -9, power loss) leaves a cut-off last line, which makes
+    TVM refuse the whole database ("Unexpected EOF"); such unreadable lines are skipped with
+    a warning (`sound_database`): fixed in place where `repair` (tune, which appends), else
+    read from a cleaned copy (compile, which must not change the user's or shipped files).
+    """
     # Records name our schedule rules' tensor intrinsics: register them before parsing.
     import abc_tvm.schedules.arm  # noqa: F401
     import abc_tvm.schedules.cpu  # noqa: F401
 
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    return ms.database.JSONDatabase(path_workload=str(log_dir / WORKLOADS),
-                                    path_tuning_record=str(log_dir / RECORDS))
+    src = sound_database(log_dir, in_place=repair)
+    try:
+        return ms.database.JSONDatabase(path_workload=str(src / WORKLOADS),
+                                        path_tuning_record=str(src / RECORDS))
+    except (RuntimeError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"tuning database {log_dir} cannot be read ({first}): move it away "
+                        "and tune again, or compile with --no-tuning-log") from None
+
+
+_CLEAN_COPIES: list[tempfile.TemporaryDirectory] = []  # kept while the process runs
+
+
+def _sound_lines(text: str, is_record: bool, workloads: int) -> tuple[list[str], list[int]]:
+    """(readable lines, 1-based numbers of the others): a workload is [hash, base64], a
+    record a JSON list whose first item indexes a readable workload."""
+    good, bad = [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            ok = isinstance(item, list) and len(item) >= 2 and (
+                isinstance(item[0], int) and 0 <= item[0] < workloads if is_record
+                else all(isinstance(v, str) for v in item[:2]))
+        except ValueError:
+            ok = False
+        (good.append(line) if ok else bad.append(n))
+    return good, bad
+
+
+def sound_database(log_dir: Path, in_place: bool) -> Path:
+    """`log_dir`, or a cleaned copy of it, holding only readable database lines.
+
+    Unreadable lines (cut off, corrupted) are dropped with a one-line warning on stderr;
+    records of a dropped workload go with it and later records are renumbered. In place,
+    the dropped lines are kept in `<file>.skipped` and the files rewritten atomically (a
+    last line without its newline is ended, so the next append does not join it)."""
+    wpath, rpath = log_dir / WORKLOADS, log_dir / RECORDS
+    wtext = wpath.read_text(errors="replace") if wpath.is_file() else ""
+    rtext = rpath.read_text(errors="replace") if rpath.is_file() else ""
+    lines = [ln for ln in wtext.splitlines() if ln.strip()]
+    wgood, wbad = _sound_lines(wtext, False, 0)
+    readable = set(wgood)
+    # Record indices count the workload file's lines: map the readable ones to new indices.
+    new_index = {old: new for new, old in
+                 enumerate(i for i, ln in enumerate(lines) if ln in readable)}
+    rgood, rbad = _sound_lines(rtext, True, len(lines))
+    records, orphans = [], []
+    for line in rgood:
+        item = json.loads(line)
+        if item[0] not in new_index:  # its workload was dropped
+            rbad.append(-1)
+            orphans.append(line)
+        elif new_index[item[0]] == item[0]:
+            records.append(line)
+        else:
+            records.append(json.dumps([new_index[item[0]], *item[1:]], separators=(",", ":")))
+    unended = any(t and not t.endswith("\n") for t in (wtext, rtext))
+    if not wbad and not rbad and not unended:
+        return log_dir
+    if wbad or rbad:
+        what = ", ".join(f"{len(b)} {name}" for b, name in ((rbad, "record line(s)"),
+                                                            (wbad, "workload line(s)")) if b)
+        where = f" (first: line {(rbad or wbad)[0]})" if (rbad or wbad)[0] > 0 else ""
+        print(f"abc-tvm: warning: tuning database {log_dir}: skipped {what} that cannot be "
+              f"read{where}, e.g. cut off by a killed tuner", file=sys.stderr)
+    wkeep = wgood
+    if in_place:
+        for path, text, keep, bad, extra in ((wpath, wtext, wkeep, wbad, []),
+                                             (rpath, rtext, records, rbad, orphans)):
+            all_lines = text.splitlines()
+            dropped = [all_lines[n - 1] for n in bad if n > 0] + extra
+            if dropped:
+                with open(str(path) + ".skipped", "a") as f:
+                    f.write("".join(ln + "\n" for ln in dropped))
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            os.replace(tmp, path)
+        return log_dir
+    copy = tempfile.TemporaryDirectory(prefix="abc-tvm-db-")
+    _CLEAN_COPIES.append(copy)
+    out = Path(copy.name)
+    (out / WORKLOADS).write_text("".join(ln + "\n" for ln in wkeep))
+    (out / RECORDS).write_text("".join(ln + "\n" for ln in records))
+    return out
 
 
 def shipped_logs() -> Path | None:
@@ -83,7 +176,7 @@ def find_databases(tuning_log: str | os.PathLike | None | bool,
 
 def load_databases(dirs: list[Path]) -> ms.database.Database | None:
     """One database over all `dirs` (records of the same workload: the fastest wins)."""
-    dbs = [open_database(d) for d in dirs]
+    dbs = [open_database(d, repair=False) for d in dirs]  # compile leaves them as they are
     if not dbs:
         return None
     return dbs[0] if len(dbs) == 1 else ms.database.UnionDatabase(*dbs)
