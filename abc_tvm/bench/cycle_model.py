@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,8 @@ import numpy as np
 from abc_tvm.errors import UserError
 
 PLUGIN_SRC = Path(__file__).resolve().parent.parent / "deploy" / "block_counts.c"
+CACHE_PLUGIN_SRC = PLUGIN_SRC.with_name("cache_misses.c")
+LINE = 64  # bytes per cache line in the cache simulation
 MARKER = 0xD42B4B40  # brk #0x5a5a: separates the words handed to one llvm-mc call
 MCA_ITERATIONS = 100
 
@@ -46,15 +49,24 @@ class Core:
     ghz: float
     dram_gbs: float  # sustained DRAM bandwidth assumed for the memory term
     note: str  # how faithful the model is, in one sentence
+    # for whole processes (`process_estimate`): the CPU qemu reports, so that a peer's
+    # runtime dispatch picks the board's code paths (fp16, dot product), and the data caches
+    # (bytes, ways) the memory term's simulation uses
+    qemu_cpu: str = "max"
+    caches: tuple[tuple[int, int], ...] = ()
 
 
 CORES = {
     "rpi4": Core("Raspberry Pi 4B", "Cortex-A72 @ 1.8 GHz", "cortex-a72", "llvm-mca-19", 1.8, 4.0,
                  "LLVM has no Cortex-A72 model: -mcpu=cortex-a72 uses its Cortex-A57 model, "
-                 "which issues one 128-bit FMLA per cycle where the A72 issues two"),
+                 "which issues one 128-bit FMLA per cycle where the A72 issues two",
+                 # BCM2711: 32 KB 2-way L1D per core, 1 MB 16-way L2 shared
+                 "cortex-a72", ((32 << 10, 2), (1 << 20, 16))),
     "rpi5": Core("Raspberry Pi 5", "Cortex-A76 @ 2.4 GHz", "neoverse-n1", "llvm-mca-19", 2.4, 8.0,
                  "LLVM 19's Neoverse-N1 model (the N1 is the A76's server sibling) stands in "
-                 "for the A76"),
+                 "for the A76",
+                 # BCM2712: 64 KB 4-way L1D, 512 KB 8-way L2 per core, 2 MB 16-way L3 shared
+                 "cortex-a76", ((64 << 10, 4), (512 << 10, 8), (2 << 20, 16))),
 }
 CORES["arm"] = CORES["rpi4"]
 
@@ -73,17 +85,18 @@ def _tool(name: str, why: str) -> str:
     return path
 
 
-def plugin() -> Path:
-    """The block_counts qemu plugin, built once per source version with the host cc."""
-    src = PLUGIN_SRC.read_bytes()
+def plugin(source: Path = PLUGIN_SRC) -> Path:
+    """The block_counts qemu plugin (or another plugin `source`), built once per source
+    version with the host cc."""
+    src = source.read_bytes()
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "abc-tvm"
-    so = cache / f"block_counts-{hashlib.sha256(src).hexdigest()[:12]}.so"
+    so = cache / f"{source.stem}-{hashlib.sha256(src).hexdigest()[:12]}.so"
     if not so.is_file():
         cache.mkdir(parents=True, exist_ok=True)
         cc = shutil.which("cc") or _tool("gcc", "to build the qemu plugin")
         tmp = so.with_suffix(".tmp")
         subprocess.run([cc, "-shared", "-fPIC", "-O2", "-fvisibility=hidden", "-o", str(tmp),
-                        str(PLUGIN_SRC)], check=True, capture_output=True)
+                        str(source)], check=True, capture_output=True)
         os.replace(tmp, so)
     return so
 
@@ -136,7 +149,12 @@ def block_counts(bundle: Path, x: np.ndarray, repeat: int = 2) -> dict[int, Bloc
             if proc.returncode != 0 or not out.is_file():
                 raise UserError(f"running {bundle} under qemu failed: {proc.stderr.strip()}")
             runs.append(_read_counts(out))
-    base, full = runs
+    return _difference(*runs, repeat)
+
+
+def _difference(base: dict[int, Block], full: dict[int, Block], repeat: int
+                ) -> dict[int, Block]:
+    """Per-repetition counts of `full` over `base` (a run with `repeat` more repetitions)."""
     out = {}
     for va, b in full.items():
         b0 = base.get(va, Block(va, b.words))
@@ -430,3 +448,124 @@ def estimate(bundle: str | os.PathLike, x: np.ndarray, target: str = "rpi4",
     insns = sum(b.count * len(b.words) for b in counts.values())
     notes = [] if sym.base is not None else ["the model .so was not found in qemu's blocks"]
     return Estimate(core, pk, rows, outside, insns, notes)
+
+
+# -- a whole process (a peer engine) --------------------------------------------------------
+
+@dataclass
+class ProcessEstimate:
+    """One repetition of a whole aarch64 process's loop: every executed block costed (there
+    is no 'outside' here), and the DRAM traffic a simulation of the board's caches finds."""
+
+    core: Core
+    cycles: float  # compute: executions x llvm-mca cycles of every block
+    instructions: float
+    blocks: int
+    levels: list[dict[str, float]]  # per cache level: accesses, misses, writebacks
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def dram_bytes(self) -> float:
+        """Lines the last level fetches or writes back, per repetition."""
+        if not self.levels:
+            return 0.0
+        last = self.levels[-1]
+        return (last["misses"] + last["writebacks"]) * LINE
+
+    @property
+    def memory_cycles(self) -> float:
+        return self.dram_bytes / (self.core.dram_gbs * 1e9) * self.core.ghz * 1e9
+
+    @property
+    def ms(self) -> float:
+        """The raw model: compute only, every load an L1 hit (as `estimate` costs kernels)."""
+        return self.cycles / (self.core.ghz * 1e6)
+
+    @property
+    def memory_ms(self) -> float:
+        return self.memory_cycles / (self.core.ghz * 1e6)
+
+    def as_dict(self) -> dict:
+        return {"board": self.core.board, "core": self.core.core, "mca_cpu": self.core.mca_cpu,
+                "qemu_cpu": self.core.qemu_cpu, "ghz": self.core.ghz,
+                "dram_gbs": self.core.dram_gbs, "cycles": self.cycles, "ms": self.ms,
+                "instructions": self.instructions, "blocks": self.blocks,
+                "levels": self.levels, "dram_bytes": self.dram_bytes,
+                "memory_ms": self.memory_ms, "notes": self.notes}
+
+
+def _run_plugin(qemu: list[str], so: Path, args: str, argv: list[str], env: dict[str, str],
+                out: Path) -> None:
+    proc = subprocess.run([*qemu, "-plugin", f"{so},out={out}{args}", *argv],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0 or not out.is_file():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise UserError(f"running {' '.join(argv[:3])} under qemu failed: {' / '.join(tail)}")
+
+
+def _process_env(env: dict[str, str] | None) -> dict[str, str]:
+    # one thread, and a fixed hash seed so that the runs with 0 and R loops take the same
+    # path through the interpreter up to the loops (their difference is the loops alone)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TVM_NUM_THREADS": "1",
+            "PYTHONHASHSEED": "0", **(env or {})}
+
+
+def process_counts(argv_for: Callable[[int], list[str]], core: Core, qemu: list[str],
+                   repeat: int = 2, env: dict[str, str] | None = None) -> dict[int, Block]:
+    """Each block's executions in one repetition of a process's loop: `argv_for(n)` is the
+    command that runs the loop n times; it runs with 0 and `repeat`, differenced, over
+    `repeat`, so that start-up, loading and warm-up cancel."""
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in (0, repeat):
+            out = Path(tmp) / f"c{r}.txt"
+            _run_plugin([*qemu, "-cpu", core.qemu_cpu], plugin(), "", argv_for(r),
+                        _process_env(env), out)
+            runs.append(_read_counts(out))
+    return _difference(*runs, repeat)
+
+
+def process_traffic(argv_for: Callable[[int], list[str]], core: Core, qemu: list[str],
+                    repeat: int = 2, env: dict[str, str] | None = None
+                    ) -> list[dict[str, float]]:
+    """Per cache level of `core`, accesses, misses and write-backs in one repetition (the
+    `cache_misses` plugin, differenced like `process_counts`)."""
+    if not core.caches:
+        return []
+    caches = "".join(f",l{i + 1}={size}:{ways}" for i, (size, ways) in enumerate(core.caches))
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in (0, repeat):
+            out = Path(tmp) / f"m{r}.txt"
+            _run_plugin([*qemu, "-cpu", core.qemu_cpu], plugin(CACHE_PLUGIN_SRC), caches,
+                        argv_for(r), _process_env(env), out)
+            runs.append([[int(v) for v in ln.split()[1:]]
+                         for ln in out.read_text().splitlines()])
+    base, full = runs
+    return [{k: (f - b) / repeat for k, f, b in zip(("accesses", "misses", "writebacks"), fl, bl,
+                                                    strict=True)}
+            for fl, bl in zip(full, base, strict=True)]
+
+
+def process_estimate(argv_for: Callable[[int], list[str]], target: str = "rpi4",
+                     qemu: list[str] | None = None, repeat: int = 2,
+                     env: dict[str, str] | None = None, traffic: bool = True
+                     ) -> ProcessEstimate:
+    """Model one repetition of a whole aarch64 process's loop on the board `target` names:
+    for a peer engine (ncnn, ONNX Runtime) all code is its own, so every executed block is
+    costed with llvm-mca (the bundle `estimate` costs only the model .so's). `qemu` is the
+    emulator command with its sysroot (`[qemu-aarch64, -L, root]`; default: the bundles')."""
+    core = core_of(target)
+    if qemu is None:
+        from abc_tvm.deploy import emulator
+
+        qemu = emulator()
+    if not qemu:
+        raise UserError("the cycle model runs aarch64 processes under qemu-aarch64 on an x86 "
+                        "host (apt-get install qemu-user)")
+    counts = process_counts(argv_for, core, qemu, repeat, env)
+    costs = block_cycles(core, counts)
+    cycles = sum(b.count * costs[v] for v, b in counts.items())
+    insns = sum(b.count * len(b.words) for b in counts.values())
+    levels = process_traffic(argv_for, core, qemu, repeat, env) if traffic else []
+    return ProcessEstimate(core, cycles, insns, len(counts), levels)
