@@ -15,7 +15,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OUT     := out
 
-.PHONY: setup demo test lint clean tuning-logs
+.PHONY: setup demo test lint clean tuning-logs arm-peers
 
 setup: $(STAMP)
 
@@ -53,6 +53,18 @@ tuning-logs: setup
 	  $(BIN)/abc-tvm tune $(OUT)/$$name.onnx --target x86 --trials $(TRIALS) --kernels abc \
 	    --log tuning_logs/$${name}_$$($(BIN)/python -c 'from abc_tvm import targets as t; \
 	      print(t.x86_level(t.cpu_features(t.host_target())))') || exit 1; done
+
+# The ARM cycle model's peers (ncnn, ONNX Runtime) and its calibration against published
+# Raspberry Pi figures: an aarch64 CPython 3.11 from Debian's arm64 packages, unpacked into
+# $(OUT)/arm-sysroot (nothing is installed over this machine's), with the peers' aarch64
+# wheels in $(OUT)/arm-sysroot/site; run under qemu-aarch64 -L. Then
+# `abc-tvm bench --cycle-model --target rpi4|rpi5` adds the peer rows and the calibration.
+arm-peers: setup
+	@dpkg --print-foreign-architectures | grep -qx arm64 || \
+	  { echo "adding Debian's arm64 architecture (for apt-get download of arm64 packages)"; \
+	    if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	    $$SUDO dpkg --add-architecture arm64 && $$SUDO apt-get update -qq; }
+	$(BIN)/python -m abc_tvm.bench.arm_peers build --sysroot $(OUT)/arm-sysroot
 
 lint: setup
 	$(BIN)/ruff check .
