@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from abc_tvm.bench import arm_peers
 from abc_tvm.bench import cycle_model as cm
 from abc_tvm.bench.common import COMPILE_EXCLUDE, COMPILE_SOURCES, sources_hash
 from abc_tvm.errors import UserError
@@ -64,8 +65,40 @@ def run(models: list[str], target: str, size: int, work: Path) -> list[dict]:
                       "wall_s": time.time() - t0})
         print(f"  {model}: {est.ms:.1f} ms modelled on {est.core.board} "
               f"({time.time() - t0:.0f} s)", flush=True)
+    peers, factor, how = peer_rows(target, work)
+    for r in found:
+        r["calibration"] = {"factor": factor, "how": how}
+        r["calibrated_ms"] = r["ms"] * factor
+    if found:
+        found[0]["peers"] = peers
     (work / f"cycle_model_{target}.json").write_text(json.dumps(found, indent=1))
     return found
+
+
+PEER_SOURCES = ["abc_tvm/bench/cycle_model.py", "abc_tvm/bench/arm_peers.py",
+                "abc_tvm/bench/arm_peer_loop.py", "abc_tvm/deploy/block_counts.c",
+                "abc_tvm/deploy/cache_misses.c", "benchmarks/ncnn/*.param"]
+
+
+def peer_rows(target: str, work: Path) -> tuple[list[dict], float, str]:
+    """The peers (ncnn, ONNX Runtime) through the same model when their sysroot exists
+    (cached in the work dir under the hash of the model's sources), with the calibration
+    factor they give; without the sysroot, the recorded factor and a line saying so."""
+    if not arm_peers.have_sysroot():
+        print(f"  peers skipped: {arm_peers.missing_message()}; the calibration printed is "
+              "the recorded one", flush=True)
+        return [], arm_peers.CALIBRATION[target], "recorded"
+    stamp = arm_peers.SYSROOT / "abc-tvm-sysroot.json"
+    key = sources_hash(PEER_SOURCES, target + (stamp.read_text() if stamp.is_file() else ""))
+    cache = work / f"arm_peers_{target}-{key}.json"
+    if cache.is_file():
+        rows = json.loads(cache.read_text())
+    else:
+        print(f"  peers on the {cm.core_of(target).board} model (ncnn, ONNX Runtime; "
+              "minutes):", flush=True)
+        rows = arm_peers.run(target, work / "peers")
+        cache.write_text(json.dumps(rows, indent=1))
+    return rows, arm_peers.calibration(rows, target), "measured"
 
 
 def _mcyc(c: float) -> str:
@@ -74,14 +107,17 @@ def _mcyc(c: float) -> str:
 
 def table(found: list[dict]) -> str:
     """Whole models, then the time by kind of kernel."""
-    out = ["| model | modelled ms | M cycles | float conv | binary | glue + other | dense "
-           "| outside | target |", "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| model | modelled ms | × calibration (ms) | M cycles | float conv | binary "
+           "| glue + other | dense | outside | target |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in found:
         k = r["by_kind"]
         goal = TARGETS_MS.get(r["model"]) if r["target"] in ("rpi4", "arm") else None
         verdict = "-" if goal is None else (f"≤ {goal:g} ms: " +
                                             ("met" if r["ms"] <= goal else "not met"))
-        out.append(f"| {r['model']} | **{r['ms']:.1f}** | {_mcyc(r['cycles'])} | "
+        cal = r.get("calibrated_ms")
+        out.append(f"| {r['model']} | **{r['ms']:.1f}** | "
+                   f"{'-' if cal is None else f'{cal:.1f}'} | {_mcyc(r['cycles'])} | "
                    f"{_mcyc(k.get('float-conv', 0))} | {_mcyc(k.get('binary', 0))} | "
                    f"{_mcyc(k.get('other', 0) + k.get('runtime', 0))} | "
                    f"{_mcyc(k.get('dense', 0))} | "
@@ -115,7 +151,7 @@ def section(found: list[dict], command: str) -> str:
         f"kernel's buffers once at {core.dram_gbs:g} GB/s) where it is the longer. "
         f"{core.note}. The model assumes every load hits L1, ignores branch mispredictions "
         "and counts code outside the model (TVM runtime, libc) at 1 cycle per instruction. "
-        "Not yet calibrated against a board (issue 20, item 2).", "",
+        + calibration_text(r0), "",
         f"Model peaks on this core: {pk['bitmacs_per_cycle']:.1f} bit-MACs/cycle "
         "(128-bit AND + CNT + UADALP), "
         f"{pk['fmas_per_cycle']:.2f} fp32 FMAs/cycle (128-bit FMLA).", "",
@@ -123,6 +159,35 @@ def section(found: list[dict], command: str) -> str:
         "Columns after the first two are modelled M cycles per kind of kernel "
         "('glue + other': BatchNorm, ReLU, adds, pooling, bit-packing, layout).", "",
     ]
+    peers = r0.get("peers") or []
+    if peers:
+        cal = r0["calibration"]["factor"]
+        lines += ["Peers through the same model on this core (whole process costed, "
+                  "`cycle_model.process_estimate`; DRAM traffic from a simulation of the "
+                  "board's data caches, `cache_misses` plugin):", "",
+                  arm_peers.table(peers, cal), "",
+                  "ort-fp32 is ONNX Runtime on ncnn's network converted to ONNX (random "
+                  "weights); the ncnn rows are ncnn's benchmark ResNet-18 with benchncnn's "
+                  "options and zero weights.", ""]
     for r in found:
         lines += [f"Heaviest kernels of {r['model']}:", "", kernel_table(r), ""]
     return "\n".join(lines)
+
+
+def calibration_text(r: dict) -> str:
+    """How far the model is from a board, in one paragraph (docs/arm-cycle-model.md has the
+    method and the reasons)."""
+    cal = r.get("calibration")
+    if cal is None:
+        return "Not calibrated in this run."
+    peers = {p["peer"]: p for p in r.get("peers") or []}
+    fp32 = peers.get("ncnn-fp32")
+    if fp32 is not None and "published_ms" in fp32:
+        seen = (f"ncnn's benchmark ResNet-18 fp32 (1 thread) models at {fp32['ms']:.1f} ms "
+                f"against {fp32['published_ms']:g} ms published, model ÷ published "
+                f"{fp32['model_over_published']:.2f}")
+    else:
+        seen = "recorded from the last run with the peers' sysroot (`make arm-peers`)"
+    return (f"**Calibration** against a board: {seen}; the column '× calibration' is the raw "
+            f"figure × {cal['factor']:.2f} (published ÷ modelled), printed beside the raw one, "
+            "not instead of it (method: docs/arm-cycle-model.md).")
