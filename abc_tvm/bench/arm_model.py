@@ -156,7 +156,7 @@ def section(found: list[dict], command: str) -> str:
         "(128-bit AND + CNT + UADALP), "
         f"{pk['fmas_per_cycle']:.2f} fp32 FMAs/cycle (128-bit FMLA).", "",
         table(found), "",
-        "Columns after the first two are modelled M cycles per kind of kernel "
+        "Columns after the first three are modelled M cycles per kind of kernel "
         "('glue + other': BatchNorm, ReLU, adds, pooling, bit-packing, layout).", "",
     ]
     peers = r0.get("peers") or []
