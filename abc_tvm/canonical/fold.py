@@ -11,6 +11,8 @@ ONNX Runtime's fusions of BatchNorm/Mul/Add into a Conv are turned off: the bina
 fuse that glue themselves, and a fused β would give each plane's conv of an ABC block its
 own weight. A model with nothing to fold (abc-tvm's own export: its stacked weight product
 is read by the matcher as it is) is returned unchanged, so it compiles as before, bit for bit.
+Stacked ABC weights (`abc_weights.held_for_folding`) are held out of the folding: folded,
+they would be one constant to decompose again, and rounding decides whether that is exact.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import tempfile
 
 import onnx
 
+from abc_tvm.canonical.abc_weights import held_for_folding
 from abc_tvm.errors import UserError
 
 # What the matcher folds itself (the ABC contract's weight product and its casts).
@@ -47,6 +50,9 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     nodes removed; Conv fusions off (see the module doc)."""
     import onnxruntime as ort
 
+    held = held_for_folding(model)
+    listed = {i.name for i in model.graph.input}
+    model, moved = _lift(model, held) if held else (model, [])
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     opts.intra_op_num_threads = 1
@@ -62,4 +68,35 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
             raise UserError(f"ONNX Runtime could not fold the model's constants: "
                             f"{str(e).splitlines()[0]}") from None
         folded = onnx.load(path)
+    return _restore(folded, moved, listed) if moved else folded
+
+
+def _lift(model: onnx.ModelProto, names: set[str]
+          ) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+    """The model with these initializers as graph inputs, and the initializers: ONNX Runtime
+    folds nothing that reads a graph input (the stacked ABC weights keep their α and bases,
+    see `abc_weights.held_for_folding`)."""
+    lifted = onnx.ModelProto()
+    lifted.CopyFrom(model)
+    g = lifted.graph
+    moved = [t for t in g.initializer if t.name in names]
+    keep = [t for t in g.initializer if t.name not in names]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    listed = {i.name for i in g.input}
+    g.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                   for t in moved if t.name not in listed)
+    return lifted, moved
+
+
+def _restore(folded: onnx.ModelProto, moved: list[onnx.TensorProto],
+             listed: set[str]) -> onnx.ModelProto:
+    """The lifted initializers back as initializers (graph inputs again only where the
+    model listed them as inputs before)."""
+    g = folded.graph
+    names = {t.name for t in moved}
+    inputs = [i for i in g.input if i.name not in names or i.name in listed]
+    del g.input[:]
+    g.input.extend(inputs)
+    g.initializer.extend(moved)
     return folded
