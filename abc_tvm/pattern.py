@@ -106,6 +106,9 @@ class ABCBlock:
     # input channels whose kernel bit is the complement of the graph's (a negative BatchNorm
     # scale in the binarizer; the bases are negated there): such bits do not OR-pool
     flip: np.ndarray | None = None
+    # the activation's value in the padded border: 0 (a conv's zero padding), or ±1 for a
+    # bipolar plane padded by `Pad(value=±1)` (Larq's `pad_values=1.0`, QuickNet)
+    pad_value: float = 0.0
 
     @property
     def M(self) -> int:
@@ -131,6 +134,7 @@ class ABCBlock:
             "thresholds": ([float(t) for t in self.thresholds] if self.thresholds.ndim == 1
                            else "per channel"),
             "binarizer": BINARIZERS[self.act_form],
+            **({"pad_value": self.pad_value} if self.pad_value else {}),
         }
 
 
@@ -158,6 +162,8 @@ class _Branch:
     out: str  # Z_n
     ops: list[str]
     flip: np.ndarray | None = None  # input channels whose bits are complemented (see _Chain)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # the conv's and a Pad's before it
+    pad_value: float = 0.0  # the border's activation value (see ABCBlock)
 
 
 class _NoMatch(Exception):
@@ -290,6 +296,9 @@ def _monotone(g: Graph, h: str, channels: int | None = None) -> _Chain:
             steps.append(lambda v, lo=lo, hi=hi: np.minimum(np.maximum(v, lo), hi))
             clip = True
             kinds.append(("Clip", None))
+        elif op.op == "Sign":  # non-decreasing: Larq's ste_sign is Sign(Sign(x) + 0.1)
+            steps.append(np.sign)
+            kinds.append(("Sign", None))
         elif op.op in ("Add", "Sub", "Mul", "Div") and (
                 co := _channel_operand(g, op, channels)):
             c = np.asarray(co[1], np.float32)
@@ -446,6 +455,10 @@ def _branch(g: Graph, conv: Op) -> _Branch:
     """Match one Conv of a binary block, with its β before or after."""
     ops = [conv.name]
     a = conv.inputs[0]
+    padded = _pad_before(g, a)
+    if padded is not None:
+        a, extra, value = padded
+        ops.append(g.producer(conv.inputs[0]).name)
     beta, position = np.float32(1.0), "after"
     pre = g.producer(a)
     if pre is not None and pre.op == "Mul" and (co := _const_operand(g, pre)) is not None:
@@ -467,6 +480,20 @@ def _branch(g: Graph, conv: Op) -> _Branch:
     if chain.flip is not None and act != "bipolar":
         raise _NoMatch("a BatchNorm with a negative scale before a unipolar binarizer")
     ops += chain.ops
+    pads, border = _conv_pads(conv), 0.0
+    if padded is not None:
+        if value != 0 and any(pads):
+            raise _NoMatch(f"Pad(value={value:g}) before a conv with its own zero padding: "
+                           "two borders")
+        if value != 0:
+            # the border is the plane's value there: ±1 (times β where β comes before)
+            border = float(np.float32(value) / beta) if position == "before" else value
+            if act != "bipolar" or len(planes) != 1 or border not in (1.0, -1.0) \
+                    or chain.flip is not None:
+                raise _NoMatch(f"Pad(value={value:g}) before a {act} binary conv: only 0, or "
+                               "±1 around one bipolar plane (no BatchNorm sign flips), is a "
+                               "border the kernels keep")
+        pads = tuple(p + q for p, q in zip(pads, extra, strict=True))
     thresholds = [_threshold(chain, on, channels) if on is not None
                   else _constant_plane(chain, channels) for on, _ in planes]
     out = conv.outputs[0]
@@ -480,7 +507,35 @@ def _branch(g: Graph, conv: Op) -> _Branch:
     shift = (chain.abc_shift() if form == "canonical" else
              chain.abc_shift(("Sub", 0.5)) if form == "sign" else None)
     return _Branch(conv, chain.x, act, form, chain.clip, thresholds, betas, shift, position,
-                   out, ops, chain.flip)
+                   out, ops, chain.flip, pads, border)
+
+
+def _conv_pads(conv: Op) -> tuple[int, int, int, int]:
+    """The conv's own padding as (top, left, bottom, right)."""
+    if conv.attrs.get("auto_pad") in ("VALID", b"VALID"):
+        return (0, 0, 0, 0)
+    pads = list(conv.attrs.get("pads", [0, 0, 0, 0]))
+    return (int(pads[0]), int(pads[1]), int(pads[2]), int(pads[3]))
+
+
+def _pad_before(g: Graph, a: str) -> tuple[str, tuple[int, int, int, int], float] | None:
+    """A constant-mode Pad of the spatial axes alone that only the conv reads: (its input,
+    its pads as (top, left, bottom, right), its value). Larq pads with 1.0 after the sign
+    (`pad_values=1.0`), Keras' ZeroPadding2D with 0."""
+    op = g.producer(a)
+    if op is None or op.op != "Pad" or len(g.consumers(a)) != 1:
+        return None
+    if op.attrs.get("mode", "constant") != "constant" or (len(op.inputs) > 3 and op.inputs[3]):
+        return None
+    pads = g.const(op.inputs[1]) if len(op.inputs) > 1 and op.inputs[1] else op.attrs.get("pads")
+    value = g.scalar(op.inputs[2]) if len(op.inputs) > 2 and op.inputs[2] else \
+        np.float32(op.attrs.get("value", 0.0))
+    if pads is None or value is None or np.size(pads) != 8:
+        return None
+    p = [int(v) for v in np.asarray(pads).reshape(-1)]
+    if any(v < 0 for v in p) or p[0] or p[1] or p[4] or p[5]:
+        return None  # negative pads crop; batch or channel pads change the shape
+    return op.inputs[0], (p[2], p[3], p[6], p[7]), float(value)
 
 
 def _levels(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -727,7 +782,8 @@ def find_abc_blocks(g: Graph) -> tuple[list[ABCBlock], list[Miss]]:
         same = {o: br for o, br in by_out.items() if o not in taken and keys[o] == keys[b.out]}
         root, add_ops = _add_tree(g, b.out, same)
         members = _leaves(g, root, same) if add_ops else [b]
-        if any(m.conv.attrs != b.conv.attrs for m in members):
+        if any(m.conv.attrs != b.conv.attrs or (m.pads, m.pad_value) != (b.pads, b.pad_value)
+               for m in members):
             for m in members:
                 misses.append(Miss(m.conv.name, "Conv", "summed branches differ in conv attrs"))
                 taken.add(m.out)
@@ -750,9 +806,7 @@ def find_abc_blocks(g: Graph) -> tuple[list[ABCBlock], list[Miss]]:
                 taken.add(m.out)
             continue
         taken.update(m.out for m in members)
-        pads = list(b.conv.attrs.get("pads", [0, 0, 0, 0]))
-        if b.conv.attrs.get("auto_pad") in ("VALID", b"VALID"):
-            pads = [0, 0, 0, 0]
+        pads = b.pads
         blocks.append(ABCBlock(
             name=b.conv.name, input=b.x, output=root, act=b.act, act_form=b.act_form,
             clip=all(m.clip for m in members), beta_position=b.beta_position,
@@ -764,6 +818,7 @@ def find_abc_blocks(g: Graph) -> tuple[list[ABCBlock], list[Miss]]:
             strides=tuple(b.conv.attrs.get("strides", [1, 1])),
             pads=(pads[0], pads[1], pads[2], pads[3]),
             ops=[o for m in members for o in m.ops] + add_ops + weight_ops, flip=b.flip,
+            pad_value=b.pad_value,
         ))
     return blocks, misses
 

@@ -196,7 +196,13 @@ def _float_block(bb: relax.BlockBuilder, x: relax.Expr, blk: pattern.ABCBlock) -
         if blk.act == "bipolar":
             a = bb.emit(relax.op.subtract(relax.op.multiply(a, relax.const(2.0, "float32")),
                                           relax.const(1.0, "float32")))
-        z = bb.emit(relax.op.nn.conv2d(a, w, strides=blk.strides, padding=blk.pads))
+        pads = blk.pads
+        if blk.pad_value:  # a ±1 border (Pad(value=±1)): padded here, the conv pads nothing
+            top, left, bottom, right = pads
+            a = bb.emit(relax.op.nn.pad(a, [0, 0, 0, 0, top, bottom, left, right],
+                                        pad_value=float(blk.pad_value)))
+            pads = (0, 0, 0, 0)
+        z = bb.emit(relax.op.nn.conv2d(a, w, strides=blk.strides, padding=pads))
         z = bb.emit(relax.op.multiply(z, relax.const(np.float32(blk.beta[n]), "float32")))
         y = z if y is None else bb.emit(relax.op.add(y, z))
     return y
@@ -548,7 +554,8 @@ class _FusedRewriter(PyExprMutator):
                             "uint16" if spec.lane_bits else udt),
                 relax.const(ab, "float32")]
         if spec.bipolar:
-            args.append(relax.const(compute.bipolar_table(wsum, geo), "float32"))
+            args.append(relax.const(compute.bipolar_table(wsum, geo, int(blk.pad_value)),
+                                    "float32"))
         if spec.affine:
             args += [relax.const(glue.scale, "float32"), relax.const(glue.shift, "float32")]
         if spec.residual:
@@ -638,6 +645,10 @@ def rewrite(mod: tvm.IRModule, target: tvm.target.Target, word_bits: int,
             continue
         if _shape(x)[1] != blk.bases.shape[2]:
             misses.append(pattern.Miss(blk.name, "Conv", "input channels differ from the weight"))
+            continue
+        if blk.pad_value and not fuse_glue:
+            misses.append(pattern.Miss(blk.name, "Conv", "a ±1 border (Pad(value=±1)) runs on "
+                                                         "the fused x86/aarch64 kernels only"))
             continue
         if fuse_glue and not _output_matches(blk, x, y):
             misses.append(pattern.Miss(blk.name, "Conv",

@@ -441,14 +441,18 @@ def border_clips(geo: ConvGeometry) -> tuple[int, int, int, int]:
     return t, b, lf, r
 
 
-def bipolar_table(wsum: np.ndarray, geo: ConvGeometry) -> np.ndarray:
-    """Q[m, tc, bc, lc, rc, o] = C*KH*KW + sum of wsum over the padded taps, float32.
+def bipolar_table(wsum: np.ndarray, geo: ConvGeometry, border: int = 0) -> np.ndarray:
+    """Q[m, tc, bc, lc, rc, o] = C*KH*KW + (1 + border) * sum of wsum over the padded taps.
 
     An output pixel loses tc taps at the top of its window (tc = clip(top - y*sh, 0, KH)),
     bc at the bottom, lc and rc left and right; its valid taps are ky in [tc, KH - bc) x
     kx in [lc, KW - rc). With t = sum popcount(I ^ Bbits) over every tap (padded taps read
     zero words), the bipolar dot is exactly Q[tc, bc, lc, rc] - 2t. The kernel computes the
     four clips from the pixel position (no index tensor to read out of bounds).
+
+    `border` is the activation's value in the padding: 0 (a conv's zero padding), or ±1 (a
+    `Pad(value=±1)` of the ±1 plane, Larq's `pad_values=1.0`): a padded tap then adds
+    border * wsum to the dot where its zero word gives -wsum, so Q takes (1 + border) * wsum.
     """
     kh, kw = geo.kernel
     t, b, lf, r = border_clips(geo)
@@ -458,7 +462,9 @@ def bipolar_table(wsum: np.ndarray, geo: ConvGeometry) -> np.ndarray:
     valid = rows[:, :, None, None, :, None] & cols[None, None, :, :, None, :]  # t,b,l,r,ky,kx
     w = wsum.astype(np.int64)  # [M, O, KH, KW]
     padded_sum = np.einsum("moij,tblrij->mtblro", w, (~valid).astype(np.int64))
-    return (geo.channels * kh * kw + padded_sum).astype(np.float32)
+    if border not in (-1, 0, 1):
+        raise ValueError(f"a bipolar border is -1, 0 or +1, not {border}")
+    return (geo.channels * kh * kw + (1 + border) * padded_sum).astype(np.float32)
 
 
 def block_weights(wbits: np.ndarray, vec: int, lane_bits: int = 0) -> np.ndarray:
