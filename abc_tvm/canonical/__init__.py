@@ -4,7 +4,8 @@ One pipeline, each rule small and tested on its own (`rules`), in front of the o
 (`abc_tvm.pattern`): QONNX quantizers as standard ops (`qonnx`), straight-through residues
 removed, `expand_as` broadcasts read as the constant itself, ABC weights computed from
 latent weights read as their bases (`abc_weights`; kept as such through folding), constants
-folded by ONNX Runtime (weights computed from latent weights, shape arithmetic), near-binary
+folded by ONNX Runtime (weights computed from latent weights, shape arithmetic), tf2onnx's
+NHWC<->NCHW transposes and reshapes cancelled (`transpose`), `tf.clip_by_value` as Clip, near-binary
 weights snapped (±α, or Σ α_m B_m within float rounding), conv biases split off as glue,
 MaxPool moved before a binarizer, binary fully-connected layers as 1×1 convs.
 """
