@@ -98,7 +98,7 @@ def _compile(args: argparse.Namespace) -> None:
     tuning = False if args.no_tuning_log else args.tuning_log
     if args.output is not None:
         compile_model(args.model, args.target, args.output, report_path=args.report,
-                      tuning_log=tuning)
+                      tuning_log=tuning, require_binary=args.require_binary)
         if args.bundle is not None:
             from abc_tvm.deploy import make_bundle
 
@@ -108,7 +108,8 @@ def _compile(args: argparse.Namespace) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:  # the bundle keeps its own copy
         so = Path(tmp) / (Path(args.model).stem + ".so")
-        compile_model(args.model, args.target, so, report_path=args.report, tuning_log=tuning)
+        compile_model(args.model, args.target, so, report_path=args.report, tuning_log=tuning,
+                      require_binary=args.require_binary)
         make_bundle(so, args.bundle)
     print(f"wrote {args.bundle}/{so.name} (in the bundle only)")
 
@@ -216,6 +217,9 @@ def parser() -> argparse.ArgumentParser:
                    help="the .so to write (its manifest goes beside it); with --bundle it may "
                         "be left out: the model is written into the bundle only")
     c.add_argument("--report", type=Path, default=None, help="write the JSON report here")
+    c.add_argument("--require-binary", action="store_true",
+                   help="fail (exit 2) when a layer that looks binary (a Sign or threshold "
+                        "before it) stays a float op, e.g. in CI pipelines")
     c.add_argument("--bundle", type=Path, default=None,
                    help="write a self-contained deploy directory (runner + runtime libs) "
                         "holding the model")

@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 import tvm
 
-from abc_tvm import frontend, limits, pattern, targets
+from abc_tvm import coverage, frontend, limits, pattern, targets
 from abc_tvm.blocks import Front, front
 from abc_tvm.canonical import Note, rules_for, summary_lines
 from abc_tvm.errors import InternalError, UserError
@@ -36,11 +36,14 @@ class Report:
     tuning: list[str] = field(default_factory=list)  # databases applied
     tuned_kernels: list[str] = field(default_factory=list)  # kernels scheduled from them
     canonical: list[dict] = field(default_factory=list)  # what the canonical stage changed
+    binary_looking_float: list[dict] = field(default_factory=list)  # layer, reason
+
 
     def as_dict(self) -> dict:
         return {"model": self.model, "target": self.target, "abc_layers": self.abc_layers,
                 "float_ops": self.float_ops, "tuning_databases": self.tuning,
-                "tuned_kernels": self.tuned_kernels, "canonicalization": self.canonical}
+                "tuned_kernels": self.tuned_kernels, "canonicalization": self.canonical,
+                "binary_looking_float": self.binary_looking_float}
 
     def table(self) -> str:
         """A short human summary: one line per ABC layer, float ops counted by reason."""
@@ -217,9 +220,12 @@ def internal(stage: str, fr: Front) -> Iterator[None]:
 def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
                   output: str | os.PathLike, report_path: str | os.PathLike | None = None,
                   quiet: bool = False,
-                  tuning_log: str | os.PathLike | None | bool = None) -> Report:
+                  tuning_log: str | os.PathLike | None | bool = None,
+                  require_binary: bool = False) -> Report:
     """Compile an ONNX ABC model for `target` ("x86", "arm", "cuda") into `output` (.so).
 
+    `require_binary` makes a layer that looks binary (a Sign or threshold before it) but
+    stays float an error; without it that is one warning line on stderr.
     Applies the MetaSchedule database in `tuning_log`, or else any shipped one in
     tuning_logs/ whose records match (CPU targets); `tuning_log=False` applies none.
     Writes the .so, its manifest `<output>.json` and, if asked, the JSON report; nothing is
@@ -266,7 +272,13 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, target: str,
                         f"be turned into binary kernels ({why}); refusing to build a model "
                         "whose ABC layers would all run as float convs")
     report = _report(fr, model_name, spec, rewritten, misses)
-    if not rewritten:
+    cover = coverage.coverage(pattern.from_onnx(fr.proto), report.float_ops)
+    report.binary_looking_float = [{"layer": n, "reason": r} for n, r in cover.float_]
+    if require_binary:
+        cover.require()
+    if cover.warning() is not None:
+        print(f"abc-tvm compile: WARNING: {cover.warning()}", file=sys.stderr)
+    elif not rewritten:
         print("abc-tvm compile: warning: no ABC convolution found; the model runs entirely in "
               "float", file=sys.stderr)
     with internal("TVM's build", fr), tvm.transform.PassContext(opt_level=3):

@@ -47,7 +47,7 @@ def _ort_fold(model: onnx.ModelProto) -> onnx.ModelProto:
 def _compile(model: onnx.ModelProto, tmp_path, x: np.ndarray, ort_run, max_rel_err):
     """Compile for x86; (report, compiled output, ORT's output of the model as given)."""
     so = tmp_path / "m.so"
-    report = compile_model(model, "x86", so, quiet=True)
+    report = compile_model(model, "x86", so, quiet=True, require_binary=True)
     y, ref = load(so, workers=1)(x), ort_run(model, x)
     assert max_rel_err(y, ref) <= TOL
     return report, y, ref

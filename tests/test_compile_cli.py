@@ -52,9 +52,10 @@ def compiled(small_model, tmp_path_factory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("c")
     so, report = out / "small.so", out / "report.json"
     proc = cli("compile", str(small_model), "--target", "x86", "-o", str(so),
-               "--report", str(report))
+               "--report", str(report), "--require-binary")
     assert proc.returncode == 0, proc.stderr
     assert "2 ABC layer(s)" in proc.stdout
+    assert "WARNING" not in proc.stderr, proc.stderr
     return so, report
 
 
@@ -216,3 +217,42 @@ def test_internal_failure_is_a_bug_report_not_a_user_error(tmp_path, small_model
     for words in ("please report", "binary-block rewrite", "Invalid SLayout", "/0/Conv"):
         assert words in err[0], err
     assert not (tmp_path / "m.so").exists()
+
+
+def test_binary_looking_layer_left_float_warns_and_require_binary_fails(tmp_path):
+    """Binarised planes into a conv whose weight has no ±1 decomposition: a correct model
+    that would silently run in float. compile warns with the count and the first reason;
+    --require-binary makes it exit 2 naming the layer."""
+    from onnx_builders import miss_random_weight
+
+    model, _ = miss_random_weight()
+    path = tmp_path / "float_bnn.onnx"
+    onnx.save(model, path)
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]  # one per plane
+    conv = convs[0]
+    proc = cli("compile", str(path), "--target", "x86", "-o", str(tmp_path / "m.so"),
+               "--report", str(tmp_path / "r.json"))
+    assert proc.returncode == 0, proc.stderr
+    warning = [ln for ln in proc.stderr.splitlines() if "WARNING" in ln]
+    assert len(warning) == 1, proc.stderr
+    assert (f"{len(convs)} of {len(convs)} layers that look binary stay float (none became "
+            "binary kernels)") in warning[0], warning[0]
+    assert conv in warning[0] and "no exact decomposition" in warning[0], warning[0]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [f["layer"] for f in report["binary_looking_float"]] == convs
+    strict = tmp_path / "strict.so"
+    proc = cli("compile", str(path), "--target", "x86", "-o", str(strict), "--require-binary")
+    assert_user_error(proc, "compile", "--require-binary", conv, "looks binary",
+                      "no exact decomposition")
+    assert not strict.exists()
+
+
+def test_float_model_is_not_binary_looking(tmp_path):
+    """A plain float conv net: nothing looks binary, so no warning beyond 'no ABC conv'."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
+    path = tmp_path / "float.onnx"
+    torch.onnx.export(net, (torch.rand(1, 3, 8, 8),), str(path), dynamo=False, opset_version=17)
+    proc = cli("compile", str(path), "--target", "x86", "-o", str(tmp_path / "f.so"),
+               "--require-binary")
+    assert proc.returncode == 0, proc.stderr
+    assert "WARNING" not in proc.stderr and "no ABC convolution" in proc.stderr, proc.stderr

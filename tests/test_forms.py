@@ -30,7 +30,7 @@ TOL = 1e-4  # float32 rounding of the α·β sums; a flipped bit would be far ab
 def _compile_and_check(net: Net, model: onnx.ModelProto, tmp_path, ort_run, max_rel_err,
                        x: np.ndarray | None = None) -> list[dict]:
     so = tmp_path / "m.so"
-    report = compile_model(model, "x86", so, quiet=True)
+    report = compile_model(model, "x86", so, quiet=True, require_binary=True)
     assert len(report.abc_layers) == net.abc_blocks, (report.abc_layers, report.float_ops)
     assert sum(a["N"] for a in report.abc_layers) == net.abc_convs
     x = net.input() if x is None else x

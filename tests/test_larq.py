@@ -27,7 +27,7 @@ TOL = 1e-4
 def _compile(net: LarqNet, model: onnx.ModelProto, tmp_path, ort_run) -> tuple[list, np.ndarray,
                                                                               np.ndarray]:
     so = tmp_path / "m.so"
-    report = compile_model(model, "x86", so, quiet=True)
+    report = compile_model(model, "x86", so, quiet=True, require_binary=True)
     assert len(report.abc_layers) == net.binary, [
         (f["name"], f["reason"]) for f in report.float_ops if f["op"] in ("Conv", "MatMul")]
     x = net.input()
@@ -172,7 +172,7 @@ def test_a_minus_one_border_matches_ort(tmp_path, ort_run, max_rel_err):
     """Pad(value=-1) of the ±1 plane: a -1 border (its padding correction adds nothing)."""
     model = _pad_before_conv(-1.0, "bipolar", 0)
     so = tmp_path / "m.so"
-    report = compile_model(model, "x86", so, quiet=True)
+    report = compile_model(model, "x86", so, quiet=True, require_binary=True)
     assert [a["pad_value"] for a in report.abc_layers] == [-1.0]
     x = LarqNet(batch=1, size=6, channels=4, seed=8).input()
     assert max_rel_err(load(so, workers=1)(x), ort_run(model, x)) <= TOL

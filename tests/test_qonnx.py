@@ -116,7 +116,7 @@ BINARY = {"cnv": 8, "lfc": 4, "sfc": 4, "tfc": 4}  # every conv and FC but CNV's
 
 def _compile_and_compare(model, x: torch.Tensor, path, tmp_path, dynamo: bool = True):
     finn_models.export(model, x, path, dynamo=dynamo)
-    report = compile_model(path, "x86", tmp_path / "m.so", quiet=True)
+    report = compile_model(path, "x86", tmp_path / "m.so", quiet=True, require_binary=True)
     with torch.no_grad():
         ref = model(x).numpy()
     got = load(tmp_path / "m.so", workers=1)(x.numpy())
