@@ -126,6 +126,28 @@ class LarqNet:
         return self.node("Conv", [x, self.const(weight, "w"), self.const(bias, "b")],
                          (b, cout, oh, ow), **_conv_attrs(k, stride, [t, lf, bt, r]))
 
+    def depthwise(self, x: str, k: int = 3, stride: int = 1) -> str:
+        """A float DepthwiseConv2D (group = channels) with its BatchNorm folded, 'same'."""
+        b, c, h, w = self.shapes[x]
+        weight, bias = self._folded_bn(self.rng.normal(0, 1 / k, (c, 1, k, k)).astype(np.float32))
+        (t, bt), (lf, r) = same_pads(h, k, stride), same_pads(w, k, stride)
+        return self.node("Conv", [x, self.const(weight, "w"), self.const(bias, "b")],
+                         (b, c, -(-h // stride), -(-w // stride)),
+                         **{**_conv_attrs(k, stride, [t, lf, bt, r]), "group": c})
+
+    def concat(self, a: str, b: str) -> str:
+        """Channel concatenation (NCHW, where tf2onnx's optimiser leaves it)."""
+        sa, sb = self.shapes[a], self.shapes[b]
+        return self.node("Concat", [a, b], (sa[0], sa[1] + sb[1], *sa[2:]), axis=1)
+
+    def channel_slice(self, x: str, start: int, end: int) -> str:
+        """x[:, start:end] as tf2onnx writes a Keras slice: Slice with constant starts/ends."""
+        b, _, h, w = self.shapes[x]
+        return self.node("Slice", [x, self.const(np.array([start], np.int64), "starts"),
+                                   self.const(np.array([end], np.int64), "ends"),
+                                   self.const(np.array([1], np.int64), "axes")],
+                         (b, end - start, h, w))
+
     def bn(self, x: str) -> str:
         c = self.shapes[x][1]
         stats = [self.rng.uniform(0.5, 1.5, c), self.rng.normal(0, 0.3, c),
@@ -247,6 +269,27 @@ class LarqNet:
     def birealnet_block(self, x: str) -> str:
         """Bi-Real Net: a binary conv (BatchNorm folded) plus the identity shortcut."""
         return self.add(self.quant_conv(x, self.shapes[x][1]), x)
+
+    def densenet_block(self, x: str, growth: int) -> str:
+        """BinaryDenseNet: BatchNorm, a binary conv of `growth` channels, concatenated to x."""
+        return self.concat(x, self.quant_conv(self.bn(x), growth, folded_bn=False))
+
+    def melius_improvement(self, x: str, width: int) -> str:
+        """MeliusNet's improvement block: a binary conv of `width` channels added to the last
+        `width` channels of x, the others passed through (Slice, Add, Concat)."""
+        c = self.shapes[x][1]
+        better = self.add(self.channel_slice(x, c - width, c),
+                          self.bn(self.quant_conv(x, width, folded_bn=False)))
+        return self.concat(self.channel_slice(x, 0, c - width), better)
+
+    def quicknet_stem(self, x: str, width: int) -> str:
+        """QuickNet's stem: a float 3x3 s2 conv and ReLU, a depthwise 3x3 s2, a 1x1 conv."""
+        y = self.depthwise(self.relu(self.conv(x, width // 4, stride=2)), stride=2)
+        return self.conv(y, width, k=1)
+
+    def quicknet_transition(self, x: str, cout: int) -> str:
+        """QuickNet's transition: ReLU, MaxPool 2, a float depthwise 3x3, a 1x1 float conv."""
+        return self.conv(self.depthwise(self.maxpool(self.relu(x))), cout, k=1)
 
     def quicknet_block(self, x: str) -> str:
         """QuickNet: ste_sign, Pad(1.0), binary conv with ±1 weights, ReLU, BatchNorm, the

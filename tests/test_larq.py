@@ -53,6 +53,25 @@ def test_birealnet_style_net_is_binary_and_matches_ort(tmp_path, ort_run, max_re
     np.testing.assert_array_equal(got, ref)  # a binary dense: integer sums, exactly
 
 
+def test_zoo_families_dense_melius_quicknet_are_binary_and_match_ort(tmp_path, ort_run,
+                                                                   max_rel_err):
+    """The Larq Zoo's other block kinds in one net: QuickNet's stem (float conv, depthwise,
+    1x1) and transition (ReLU, MaxPool, depthwise, 1x1), BinaryDenseNet's concatenating
+    blocks, MeliusNet's improvement block (a binary conv added into a channel slice) and a
+    QuickNet block with its +1 border: every binary conv and the dense layer binary, the
+    float depthwise convs on the float path."""
+    net = LarqNet(batch=1, size=32, channels=3, seed=8)
+    y = net.quicknet_stem(net.x, 32)
+    y = net.densenet_block(net.densenet_block(y, 16), 16)
+    y = net.melius_improvement(y, 16)
+    y = net.quicknet_transition(y, 64)
+    y = net.quicknet_block(y)
+    model = net.model(net.quant_dense(y, 10))
+    layers, got, ref = _compile(net, model, tmp_path, ort_run)
+    assert len(layers) == 5
+    assert max_rel_err(got, ref) <= TOL
+
+
 def test_quicknet_pad_one_is_a_plus_one_border(tmp_path, ort_run, max_rel_err):
     """QuickNet pads the ±1 plane with +1 (Pad(value=1.0) after the sign, a conv without
     padding): the block keeps the border as +1 in its padding correction."""
