@@ -15,7 +15,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OUT     := out
 
-.PHONY: setup demo test lint clean tuning-logs arm-peers
+.PHONY: setup demo test lint clean tuning-logs arm-peers larq-zoo
 
 setup: $(STAMP)
 
@@ -65,6 +65,21 @@ arm-peers: setup
 	    if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	    $$SUDO dpkg --add-architecture arm64 && $$SUDO apt-get update -qq; }
 	$(BIN)/python -m abc_tvm.bench.arm_peers build --sysroot $(OUT)/arm-sysroot
+
+# The Larq Zoo (11 models, random weights) exported by tf2onnx and compiled, each compared
+# with ONNX Runtime (benchmarks/larq_zoo_check.py). TensorFlow 2.15 + Larq need Python 3.11
+# with numpy 1.26 and protobuf 3.20, so they get their own environment, .venv-larq (about
+# 1.4 GB, ~5 min to install); the export takes ~3 min and the check ~4 min on 2 cores.
+PY311 ?= $(shell command -v python3.11 >/dev/null && python3.11 -c 'import sys' 2>/dev/null \
+           && echo python3.11 || { p=$$(pyenv prefix 3.11 2>/dev/null) && echo $$p/bin/python3.11; })
+larq-zoo: setup
+	@[ -n "$(PY311)" ] || { echo "the Larq Zoo check needs Python 3.11 (TensorFlow 2.15): make larq-zoo PY311=/path/to/python3.11"; exit 2; }
+	[ -x .venv-larq/bin/python ] || { $(PY311) -m venv .venv-larq && \
+	  .venv-larq/bin/pip install -q "tensorflow-cpu==2.15.*" "larq==0.14.*" "larq-zoo==2.4.*" \
+	    "tf2onnx==1.17.*" "numpy==1.26.*" "protobuf==3.20.*" onnx; }
+	mkdir -p $(OUT)/larq
+	TF_CPP_MIN_LOG_LEVEL=3 .venv-larq/bin/python benchmarks/larq_zoo_check.py export --out $(OUT)/larq
+	$(BIN)/python benchmarks/larq_zoo_check.py check $(OUT)/larq --json $(OUT)/larq/results.json
 
 lint: setup
 	$(BIN)/ruff check .
