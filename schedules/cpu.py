@@ -24,7 +24,13 @@ from tvm.script import tirx as T
 
 from . import compute as C
 from ._util import SIMD, divisor_at_most, has_block, simd_of
-from .lanes import lane_sum_intrin, lanes_per_word, words_per_register
+from .lanes import (
+    PAIRWISE_STEPS,
+    lane_reduce_intrin,
+    lane_sum_intrin,
+    lanes_per_word,
+    words_per_register,
+)
 
 _MAX_PIXELS = 8
 Knob = int | s_tir.schedule.ExprRV
@@ -388,9 +394,19 @@ def _lane_hot_loop(sch: s_tir.Schedule, spec: C.BlockSpec, conv: s_tir.SBlockRV,
         sch.unroll(loop)
 
     n_, b_, y_, x_, o_, j_ = sch.get_loops(csum)[-6:]
+    sch.set_scope(csum, 0, "local")
+    geo = spec.geo
+    words = int(sch.get(o_).extent)
+    if geo.kernel[0] * geo.kernel[1] * geo.words <= PAIRWISE_STEPS and words in (2, 4, 8, 16):
+        # A pixel's words reduce together: pairwise adds across its registers (`addp`).
+        init = sch.decompose_reduction(csum, o_)
+        sch.vectorize(sch.get_loops(init)[-1])
+        sch.tensorize(o_, lane_reduce_intrin(words, q))
+        for loop in (n_, x_):
+            sch.unroll(loop)
+        return ry
     o_reg, o_lane = sch.split(o_, [None, og])
     sch.reorder(n_, b_, y_, x_, o_reg, o_lane, j_)
-    sch.set_scope(csum, 0, "local")
     init = sch.decompose_reduction(csum, o_reg)
     sch.vectorize(sch.fuse(*sch.get_loops(init)[-2:]))
     sch.tensorize(o_lane, lane_sum_intrin(og, q))
