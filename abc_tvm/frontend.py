@@ -7,10 +7,17 @@ a deep TVM traceback.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
+import sys
+import tempfile
+from collections.abc import Iterator
 
+import numpy as np
 import onnx
 import tvm
+from onnx import numpy_helper
 from tvm.relax.frontend.onnx import from_onnx
 
 from abc_tvm.errors import UserError
@@ -19,6 +26,8 @@ from abc_tvm.runtime import TensorInfo  # the manifest's entries: one definition
 MIN_OPSET = 13
 MAX_OPSET = 21
 DTYPES = {onnx.TensorProto.FLOAT: "float32"}
+FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+          onnx.TensorProto.BFLOAT16)
 
 
 def load(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
@@ -45,8 +54,73 @@ def load(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
     except Exception as e:
         raise UserError(f"invalid ONNX model: {str(e).splitlines()[0]}") from None
+    _check_graph(proto)
+    _check_finite(proto)
     inputs(proto)  # static shapes, or a clear error
-    return proto
+    return drop_dead_nodes(proto)
+
+
+def _check_graph(proto: onnx.ModelProto) -> None:
+    """What ONNX's checker lets through but ONNX Runtime refuses, and the matcher relies on."""
+    if not proto.graph.output:
+        raise UserError("the model has no graph outputs: there is nothing to compute")
+    seen: set[str] = set()
+    for node in proto.graph.node:
+        if node.name and node.name in seen:
+            raise UserError(f"two nodes are named {node.name!r}: node names must be unique")
+        seen.add(node.name)
+
+
+def _check_finite(proto: onnx.ModelProto) -> None:
+    """NaN or Inf in a weight (training diverged, a damaged file) would be folded into the
+    thresholds and vanish from the output, where ONNX Runtime propagates it: refuse it."""
+    consts = [(t, None) for t in proto.graph.initializer]
+    consts += [(a.t, n) for n in proto.graph.node if n.op_type == "Constant"
+               for a in n.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR]
+    for t, node in consts:
+        if t.data_type not in FLOATS:
+            continue
+        try:
+            bad = int(np.count_nonzero(~np.isfinite(numpy_helper.to_array(t))))
+        except Exception as e:  # data that does not fit its shape
+            raise UserError(f"initializer {t.name!r} cannot be read: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        if bad:
+            reader = node or next((n for n in proto.graph.node if t.name in n.input), None)
+            where = f" (read by node {reader.name or reader.op_type})" if reader else ""
+            raise UserError(f"{'constant' if node else 'initializer'} {t.name!r}{where} holds "
+                            f"{bad} NaN or Inf value(s): abc-tvm compiles finite weights only "
+                            "(a training that diverged, or a damaged file?)")
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Every name read inside an If/Loop/Scan body (outer-scope values are read implicitly)."""
+    names: set[str] = set()
+    for a in node.attribute:
+        for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+            for n in g.node:
+                names.update(n.input)
+                names |= _subgraph_reads(n)
+    return names
+
+
+def drop_dead_nodes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Nodes none of whose outputs reach a graph output go (TVM's importer drops them too,
+    and a block matched on one would then be lost on the way to Relax)."""
+    live = {o.name for o in proto.graph.output}
+    keep = []
+    for node in reversed(proto.graph.node):
+        if any(o in live for o in node.output):
+            keep.append(node)
+            live.update(node.input)
+            live.update(_subgraph_reads(node))
+    if len(keep) == len(proto.graph.node):
+        return proto
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    del out.graph.node[:]
+    out.graph.node.extend(reversed(keep))
+    return out
 
 
 def _check_initializers(proto: onnx.ModelProto) -> None:
@@ -88,8 +162,43 @@ def outputs(proto: onnx.ModelProto) -> list[TensorInfo]:
 def to_relax(proto: onnx.ModelProto) -> tvm.IRModule:
     """Import into Relax with the weights as constants (the ABC pass reads them)."""
     shapes = {i.name: list(i.shape) for i in inputs(proto)}
-    try:
-        return from_onnx(proto, shape_dict=shapes, keep_params_in_input=False)
-    except Exception as e:
-        raise UserError(f"TVM's ONNX importer rejected the model: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    message = None
+    with _quiet_importer():
+        try:
+            return from_onnx(proto, shape_dict=shapes, keep_params_in_input=False)
+        except Exception as e:
+            message = (f"TVM's ONNX importer rejected the model: {type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}")
+        gc.collect()  # the importer's BlockBuilder dies here, warning about open blocks
+    raise UserError(message)
+
+
+@contextlib.contextmanager
+def _quiet_importer() -> Iterator[None]:
+    """TVM's importer prints the failed operator to stdout and, from C++, a BlockBuilder
+    warning to stderr when it fails: keep them from the user's one-line error (fd level)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            for f, stream in ((out, sys.stdout), (err, sys.stderr)):
+                f.seek(0)
+                text = f.read().decode(errors="replace")
+                if failed or "Error converting operator" in text:
+                    text = ""  # the failure becomes the UserError's line
+                stream.write("".join(ln for ln in text.splitlines(keepends=True)
+                                     if "BlockBuilder destroyed" not in ln))
+                stream.flush()
