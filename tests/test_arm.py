@@ -677,3 +677,25 @@ def test_cycle_model_of_a_bundle_counts_what_qemu_executes(resnet20_bundle):
     assert max(k.calls for k in est.kernels if k.kind == "binary") >= 2
     assert 0 < est.peaks["fmas_per_cycle"] < est.peaks["bitmacs_per_cycle"]
     assert est.outside_cycles < 0.2 * est.cycles
+    from abc_tvm.bench import arm_model
+
+    r = {"model": "abc_resnet20", "target": "rpi4", **est.as_dict()}
+    assert 0 < arm_model.bound_cycles(r) < est.cycles
+
+
+def test_cycle_model_bound_is_work_at_the_peaks_and_names_an_unreachable_target():
+    from abc_tvm.bench import arm_model
+
+    r = {"model": "abc_resnet18:1x1", "target": "rpi4", "ghz": 1.0,
+         "peaks": {"bitmacs_per_cycle": 80.0, "fmas_per_cycle": 4.0},
+         "kernels": [{"kind": "binary", "work": 8e6}, {"kind": "float-conv", "work": 4e6},
+                     {"kind": "dense", "work": 4e5}, {"kind": "other", "work": 5e6}]}
+    assert arm_model.bound_cycles(r) == pytest.approx(1e5 + 1e6 + 1e5)
+    r["ms"] = 30.0  # bound 1.2 ms: the 25 ms target is reachable, just not reached
+    assert arm_model.verdict(r) == "≤ 25 ms: not met"
+    r["ghz"] = 0.04  # bound 30 ms: above the target
+    assert arm_model.verdict(r) == "≤ 25 ms: not met (below this model's bound)"
+    r["ms"] = 20.0
+    assert arm_model.verdict(r) == "≤ 25 ms: met"
+    r["target"] = "rpi5"
+    assert arm_model.verdict(r) == "-"
