@@ -15,6 +15,10 @@ Why it is built this way:
   are merged (zero-padded) into one call, which is how such a model earns its keep.
 - The bearer token is compared in constant time and guards every route but health, which
   orchestrators probe without credentials.
+- A connection gets a deadline for each request head (`ServeOptions.read_timeout_s`,
+  default min(10 s, --timeout)), so slowloris clients are closed instead of held for ever,
+  and a JSON request may be only as large as the model's inputs can need, so a JSON bomb
+  cannot stall the event loop for seconds (benchmarks/soak_server.py found both).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h11
 import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request
@@ -53,6 +58,7 @@ from prometheus_client import (
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from abc_tvm import __version__
 from abc_tvm.errors import UserError
@@ -72,6 +78,12 @@ HEALTH_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 DATATYPES = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int8": "INT8",
              "int16": "INT16", "int32": "INT32", "int64": "INT64", "uint8": "UINT8",
              "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64", "bool": "BOOL"}
+# A connection's deadline for each request head when ServeOptions.read_timeout_s is None.
+DEFAULT_READ_TIMEOUT_S = 10.0
+# What a JSON request may need beyond its numbers (id, parameters, outputs), and per number
+# (a float's repr is at most 24 characters; indented JSON adds a newline and an indent).
+JSON_SLACK_BYTES = 64 << 10
+JSON_BYTES_PER_NUMBER = 64
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
                    5.0, 10.0, 30.0)
 
@@ -87,6 +99,14 @@ class ServeOptions:
     max_batch_delay_ms: float = DEFAULT_BATCH_DELAY_MS
     allow_nonfinite: bool = False
     workers: int | None = None
+    read_timeout_s: float | None = None  # None: min(DEFAULT_READ_TIMEOUT_S, timeout_s)
+
+    @property
+    def read_deadline_s(self) -> float:
+        """Seconds a connection gets to deliver each request head (see _DeadlineH11)."""
+        if self.read_timeout_s is not None:
+            return self.read_timeout_s
+        return min(DEFAULT_READ_TIMEOUT_S, self.timeout_s)
 
 
 class ApiError(Exception):
@@ -265,6 +285,11 @@ class ServedModel:
         self.batched = batching and size > 1 and all(
             info.shape and info.shape[0] == size for info in (*model.inputs, *model.outputs))
         self.batcher: Batcher | None = None
+        # Why: json.loads and np.array of a 48 MB list of zeros held the event loop (every
+        # other client) for 3-4 s and took ~0.5 GB; no valid JSON request for this model is
+        # larger than this, so anything larger is refused before it is read or parsed.
+        self.numbers = sum(math.prod(i.shape) for i in model.inputs)
+        self.max_json_bytes = JSON_SLACK_BYTES + JSON_BYTES_PER_NUMBER * self.numbers
 
     def _shape(self, info: TensorInfo) -> list[int]:
         return [-1, *info.shape[1:]] if self.batched else list(info.shape)
@@ -389,13 +414,25 @@ def _decode_tensor(t: dict, info: TensorInfo, served: ServedModel, binary: memor
     return a.astype(info.dtype, copy=False), offset + size
 
 
+def _json_too_large(served: ServedModel, size: int | None = None) -> str:
+    got = "the JSON request is" if size is None else \
+        f"the JSON part of the request ({size} bytes) is"
+    return (f"{got} larger than any request for model {served.name!r} needs "
+            f"({served.max_json_bytes} bytes for its {served.numbers} input numbers): "
+            "send binary tensors for large inputs")
+
+
 def parse_infer_request(body: bytes, header_length: str | None, served: ServedModel,
                         allow_nonfinite: bool = False) -> _InferRequest:
     """Validate an infer request completely before any of it reaches the model."""
     head, binary = _split_body(body, header_length)
+    if len(head) > served.max_json_bytes:
+        raise ApiError(413, _json_too_large(served, len(head)))
     try:
         req = json.loads(head)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except RecursionError:  # why: a 500 with a traceback before (deeply nested arrays)
+        raise ApiError(400, "the request's JSON is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, bad UTF-8, and ints over 4300 digits
         raise ApiError(400, f"malformed JSON in the request: {e}") from None
     if not isinstance(req, dict):
         raise ApiError(400, "the request must be a JSON object with an 'inputs' list")
@@ -522,8 +559,11 @@ class _Guard:
         await self.app(scope, receive, counting_send)
 
 
-async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
-    """The body, refused with 413 beyond `limit` bytes (also once decompressed), 408 if slow."""
+async def _read_body(request: Request, limit: int, timeout_s: float,
+                     too_large: str | None = None) -> bytes:
+    """The body, refused with 413 beyond `limit` bytes (also once decompressed), 408 if slow.
+
+    `too_large`: the 413 message when `limit` is not --max-body-bytes."""
     length = request.headers.get("content-length")
     if length is not None:
         try:
@@ -531,16 +571,16 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
         except ValueError:
             raise ApiError(400, f"Content-Length is not an integer: {length[:40]!r}") from None
         if n > limit:
-            raise ApiError(413, f"request body of {n} bytes exceeds the server's limit of "
-                                f"{limit} bytes (--max-body-bytes)")
+            raise ApiError(413, too_large or f"request body of {n} bytes exceeds the server's "
+                                             f"limit of {limit} bytes (--max-body-bytes)")
     chunks, size = [], 0
     try:
         async with asyncio.timeout(timeout_s):
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise ApiError(413, f"request body exceeds the server's limit of {limit} "
-                                        "bytes (--max-body-bytes)")
+                    raise ApiError(413, too_large or "request body exceeds the server's limit "
+                                                     f"of {limit} bytes (--max-body-bytes)")
                 chunks.append(chunk)
     except TimeoutError:
         raise ApiError(408, f"request body not received within {timeout_s:g} s") from None
@@ -559,8 +599,9 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     except zlib.error as e:
         raise ApiError(400, f"the {encoding} body cannot be decompressed: {e}") from None
     if len(out) > limit:
-        raise ApiError(413, f"decompressed request body exceeds the server's limit of {limit} "
-                            "bytes (--max-body-bytes)")
+        raise ApiError(413, "decompressed: " + too_large if too_large else "decompressed "
+                       f"request body exceeds the server's limit of {limit} bytes "
+                       "(--max-body-bytes)")
     if not d.eof:
         raise ApiError(400, f"the {encoding} body is truncated")
     return out
@@ -654,9 +695,12 @@ def create_app(models: Sequence[CompiledModel], options: ServeOptions | None = N
         metrics.inflight.inc()
         try:
             s = model_for(name, version)
-            body = await _read_body(request, options.max_body_bytes, options.timeout_s)
-            req = parse_infer_request(body, request.headers.get("inference-header-content-length"),
-                                      s, options.allow_nonfinite)
+            header_length = request.headers.get("inference-header-content-length")
+            limit, too_large = options.max_body_bytes, None
+            if header_length is None and s.max_json_bytes < limit:  # all of it is JSON
+                limit, too_large = s.max_json_bytes, _json_too_large(s)
+            body = await _read_body(request, limit, options.timeout_s, too_large)
+            req = parse_infer_request(body, header_length, s, options.allow_nonfinite)
             timeout = min(options.timeout_s, req.timeout_s or options.timeout_s)
             outs = await _run(s, req.arrays, timeout)
             response = infer_response(s, req, outs)
@@ -768,12 +812,81 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _DeadlineH11(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request head, and JSON 400s.
+
+    Why: uvicorn times out only a kept-alive connection that stays silent, and any byte it
+    receives cancels that timer. A connection that never sent a byte, one trickling its
+    request head (slowloris), or one trickling a body after it was answered (a 408, or a
+    second request's head) was held open for ever: a socket, a file descriptor and a
+    protocol object each, until the server ran out. Here each request head must arrive
+    within `read_timeout_s` of the connection opening or of the previous response ending,
+    else the connection is closed; while a request is being handled the app's own limits
+    apply (the body's --timeout, the inference timeout), so no inference is cut short.
+    And uvicorn answers what its parser refuses (garbage, a bad Content-Length, a head over
+    16 KiB) with a text/plain 400: here it is JSON, like every other client mistake.
+    Pinned instead of uvicorn's "auto" choice, which would take httptools if installed.
+    """
+
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    _deadline: asyncio.TimerHandle | None = None
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self.read_timeout_s, self._expire)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expire(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing() or (self.cycle is not None
+                                           and not self.cycle.response_complete):
+            return
+        with contextlib.suppress(h11.LocalProtocolError):
+            self.conn.send(h11.ConnectionClosed())
+        self.transport.close()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def handle_events(self) -> None:
+        cycle = self.cycle
+        super().handle_events()
+        if self.cycle is not cycle:  # a request head arrived: the app's limits take over
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        self._arm()  # before: the super call may start a pipelined request (and disarm)
+        super().on_response_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        body = json.dumps({"error": "invalid HTTP request: the request line or headers "
+                                    "cannot be parsed (bad syntax, a bad Content-Length, or "
+                                    "a head over 16 KiB)"}).encode()
+        headers = [(b"content-type", b"application/json"),
+                   (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                      h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
+
+
 def _uvicorn_config(app: FastAPI, options: ServeOptions, log_level: str,
                     log_config: dict | None | str = uvicorn.config.LOGGING_CONFIG
                     ) -> uvicorn.Config:
+    protocol = type("_DeadlineH11", (_DeadlineH11,),
+                    {"read_timeout_s": options.read_deadline_s})
     return uvicorn.Config(app, lifespan="on", log_level=log_level, log_config=log_config,
                           timeout_graceful_shutdown=int(options.timeout_s) + 5,
-                          access_log=log_level in ("info", "debug"))
+                          access_log=log_level in ("info", "debug"), http=protocol)
 
 
 class BackgroundServer:
