@@ -11,8 +11,10 @@ each in a child process with a time limit (60 s). A case's outcome per command:
 
 - `ok`: exit 0; after `compile`, the .so runs on a random input (in another child) and is
   compared with ONNX Runtime on the mutated model when ORT accepts it: max |y - ref| /
-  max |ref| <= 1e-2 and the same NaN positions, else `wrong`; ORT refusing a model abc-tvm
-  compiled is `ort_refused` (recorded, read by hand: not a bug by itself);
+  max |ref| <= 1e-2 where ORT's output is finite (where it is not, the model overflowed,
+  and where depends on the order of the arithmetic: not compared), else `wrong`; ORT
+  refusing a model abc-tvm compiled is `ort_refused` (recorded, read by hand: not a bug by
+  itself);
 - `refused`: exit 2 with exactly one error line on stderr (warning lines aside);
 - `internal`: exit 3 with one line (abc-tvm's own bug, counted);
 - `crash`: a traceback, several error lines, another exit status, or death by a signal;
@@ -275,15 +277,19 @@ def check_against_ort(model_path: str, so_path: str, result_path: str, seed: int
 
 
 def compare(y: np.ndarray, ref: np.ndarray) -> str:
-    """'' when y matches ref (NaN where ref is NaN, relative error <= RTOL), else why not."""
+    """'' when y matches ref where ref is finite (relative error <= RTOL, and no NaN or
+    infinity in y there), else why not. Where ref is not finite the model overflowed: the
+    input and (checked at the front door) the weights are finite, so a NaN or an infinity in
+    ORT's output is float overflow (3e38-sized constants are a mutation), and where it
+    happens depends on the order of the arithmetic, which every engine may change (ORT's own
+    kernels differ between CPUs): those places are not compared."""
     if y.shape != ref.shape:
         return f"shape {list(y.shape)}, ORT {list(ref.shape)}"
     y, ref = y.astype(np.float64), ref.astype(np.float64)
-    if not np.array_equal(np.isnan(y), np.isnan(ref)):
-        return f"NaN at {int(np.isnan(y).sum())} places, ORT at {int(np.isnan(ref).sum())}"
     fin = np.isfinite(ref)
-    if not np.array_equal(y[~fin & ~np.isnan(ref)], ref[~fin & ~np.isnan(ref)]):
-        return "infinities differ"
+    if not np.isfinite(y[fin]).all():
+        return (f"{int((~np.isfinite(y[fin])).sum())} NaN or infinite values where ORT's are "
+                "finite")
     if not fin.any():
         return ""
     scale = float(np.abs(ref[fin]).max())

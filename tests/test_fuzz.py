@@ -98,3 +98,27 @@ def test_short_fuzz_run_finds_no_bug(tmp_path):
     assert summary["cases"] == 36 and summary["bug_cases"] == 0, summary["bug_classes"]
     assert summary["outcomes"]["compile"].get("ok", 0) >= 3  # some reach the ORT check
     assert summary["outcomes"]["compile"].get("refused", 0) >= 10
+
+
+def test_oracle_compares_where_ort_is_finite_and_leaves_overflow_alone():
+    """Weights near float max (a mutation) overflow; where depends on the order of the
+    arithmetic (fuzz cases 403, 549 of seed 1: ORT NaN, abc-tvm inf or finite)."""
+    ref = np.array([1.0, np.nan, np.inf, 2.0], np.float32)
+    assert fz.compare(np.array([1.0, 5.0, -np.inf, 2.0], np.float32), ref) == ""
+    assert "NaN or infinite" in fz.compare(np.array([np.nan, 0, 0, 2.0], np.float32), ref)
+    assert "max |y - ref|" in fz.compare(np.array([1.5, 0, 0, 2.0], np.float32), ref)
+    assert "shape" in fz.compare(np.zeros(3, np.float32), ref)
+
+
+def test_truncating_an_already_damaged_initializer_is_a_mutation_not_a_crash():
+    """The fuzzer itself stopped at case 555 of seed 1: a tensor left with no data for its
+    dims by one mutation could not be truncated by the next."""
+    import fuzz_mutations as fm
+
+    m = _seed()
+    for t in m.graph.initializer:  # every one damaged, whichever the mutation picks
+        t.raw_data = b""
+        del t.float_data[:]
+        t.dims[:] = [*t.dims, 2]
+    rng = np.random.default_rng(0)
+    assert "raw data cut" in fm.truncate_init(m, rng, None)
