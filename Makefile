@@ -15,7 +15,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OUT     := out
 
-.PHONY: setup demo test lint clean tuning-logs arm-peers larq-zoo
+.PHONY: setup demo test lint clean tuning-logs arm-peers larq-zoo litert-models fuzz soak
 
 setup: $(STAMP)
 
@@ -72,14 +72,31 @@ arm-peers: setup
 # 1.4 GB, ~5 min to install); the export takes ~3 min and the check ~4 min on 2 cores.
 PY311 ?= $(shell command -v python3.11 >/dev/null && python3.11 -c 'import sys' 2>/dev/null \
            && echo python3.11 || { p=$$(pyenv prefix 3.11 2>/dev/null) && echo $$p/bin/python3.11; })
-larq-zoo: setup
-	@[ -n "$(PY311)" ] || { echo "the Larq Zoo check needs Python 3.11 (TensorFlow 2.15): make larq-zoo PY311=/path/to/python3.11"; exit 2; }
-	[ -x .venv-larq/bin/python ] || { $(PY311) -m venv .venv-larq && \
-	  .venv-larq/bin/pip install -q "tensorflow-cpu==2.15.*" "larq==0.14.*" "larq-zoo==2.4.*" \
-	    "tf2onnx==1.17.*" "numpy==1.26.*" "protobuf==3.20.*" onnx; }
+LARQ_PY := .venv-larq/bin/python
+$(LARQ_PY):
+	@[ -n "$(PY311)" ] || { echo "TensorFlow 2.15 needs Python 3.11: make $(MAKECMDGOALS) PY311=/path/to/python3.11"; exit 2; }
+	$(PY311) -m venv .venv-larq
+	.venv-larq/bin/pip install -q "tensorflow-cpu==2.15.*" "larq==0.14.*" "larq-zoo==2.4.*" \
+	  "tf2onnx==1.17.*" "numpy==1.26.*" "protobuf==3.20.*" onnx
+
+larq-zoo: setup $(LARQ_PY)
 	mkdir -p $(OUT)/larq
-	TF_CPP_MIN_LOG_LEVEL=3 .venv-larq/bin/python benchmarks/larq_zoo_check.py export --out $(OUT)/larq
+	TF_CPP_MIN_LOG_LEVEL=3 $(LARQ_PY) benchmarks/larq_zoo_check.py export --out $(OUT)/larq
 	$(BIN)/python benchmarks/larq_zoo_check.py check $(OUT)/larq --json $(OUT)/larq/results.json
+
+# ResNet-18 as TFLite (fp32 and int8) for the LiteRT rows of the ARM peers, converted by
+# TensorFlow in the environment above, ~1 min.
+litert-models: setup $(LARQ_PY)
+	$(LARQ_PY) benchmarks/litert_resnet18.py --out $(OUT)/litert
+
+# Reliability (docs/reliability.md): 1000 mutated models through inspect and compile
+# (~15 min on 2 cores), and 10k requests at concurrency 16 with hostile clients (~1 min).
+fuzz: setup
+	mkdir -p $(OUT)/fuzz
+	$(BIN)/python benchmarks/fuzz_front_door.py --cases 1000 --seed 1 --out $(OUT)/fuzz/fuzz.json --keep
+
+soak: setup
+	$(BIN)/python benchmarks/soak_server.py --requests 10000 --concurrency 16 --json $(OUT)/soak.json
 
 lint: setup
 	$(BIN)/ruff check .

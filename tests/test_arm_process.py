@@ -75,3 +75,22 @@ def test_process_mode_simulates_dram_lines_of_a_stream(prog: Path) -> None:
     assert abs(l2["misses"] - lines) < 0.01 * lines  # 8 MB does not stay in a 1 MB L2
     assert abs(est.dram_bytes - BUF) < 0.02 * BUF
     assert est.memory_ms > 0
+
+
+@pytest.mark.parametrize(("target", "part"), [("rpi4", "0xd08"), ("rpi5", "0xd0b")])
+def test_peers_see_the_modelled_cores_cpuinfo(tmp_path: Path, target: str, part: str) -> None:
+    """Under qemu-user the host's x86 /proc/cpuinfo would reach the peers (LiteRT's cpuinfo
+    library dies on it); qemu's -L prefix serves the sysroot's copy of the modelled core."""
+    from abc_tvm.bench import arm_peers
+
+    src = tmp_path / "cat.c"
+    src.write_text('#include <stdio.h>\nint main(void) { FILE *f = fopen("/proc/cpuinfo", "r");'
+                   ' int c; while ((c = fgetc(f)) != EOF) putchar(c); return 0; }\n')
+    exe = tmp_path / "cat"
+    subprocess.run([GCC, "-O1", "-static", "-o", str(exe), str(src)], check=True)
+    sysroot = tmp_path / "sysroot"
+    arm_peers.write_cpuinfo(sysroot, target)
+    out = subprocess.run([*arm_peers.qemu_for(sysroot), str(exe)], capture_output=True,
+                         text=True, check=True).stdout
+    assert f"CPU part\t: {part}" in out and "Features\t: fp asimd" in out, out
+    assert "GenuineIntel" not in out and "AuthenticAMD" not in out

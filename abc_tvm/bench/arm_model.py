@@ -194,7 +194,11 @@ def section(found: list[dict], command: str) -> str:
                   arm_peers.table(peers, cal), "",
                   "ort-fp32 is ONNX Runtime on ncnn's network converted to ONNX (random "
                   "weights); the ncnn rows are ncnn's benchmark ResNet-18 with benchncnn's "
-                  "options and zero weights.", ""]
+                  "options and zero weights; the litert rows are LiteRT (XNNPACK) on a "
+                  "Keras ResNet-18 with random weights, fp32 and full-integer int8 "
+                  "(`make litert-models`). ncnn's 3×3 convs are Winograd (fewer MACs); "
+                  "ONNX Runtime's and XNNPACK's are direct. A peer missing from the table "
+                  "was skipped, and the run said why.", ""]
     for r in found:
         lines += [f"Heaviest kernels of {r['model']}:", "", kernel_table(r), ""]
     return "\n".join(lines)

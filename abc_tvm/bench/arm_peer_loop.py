@@ -5,6 +5,7 @@ warm-up inference cancel and what is left is R steady-state inferences.
 
     python arm_peer_loop.py ncnn <file.param> <loops>   # as benchncnn: zero weights, 1 thread
     python arm_peer_loop.py ort <model.onnx> <loops>    # ONNX Runtime CPU EP, 1 thread
+    python arm_peer_loop.py litert <model.tflite> <loops>  # LiteRT (XNNPACK), 1 thread
 """
 
 from __future__ import annotations
@@ -65,6 +66,22 @@ def ort_loop(model: str, loops: int) -> None:
     print(f"onnxruntime {ort.__version__}: {loops} loops, output {y.shape}", flush=True)
 
 
+def litert_loop(model: str, loops: int) -> None:
+    """LiteRT's interpreter with its default delegate (XNNPACK, fp32 and int8), 1 thread."""
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=model, num_threads=1)
+    it.allocate_tensors()
+    i, o = it.get_input_details()[0], it.get_output_details()[0]
+    x = np.random.default_rng(0).random(i["shape"], dtype=np.float32)
+    for _ in range(WARMUP + loops):
+        it.set_tensor(i["index"], x)
+        it.invoke()
+        y = it.get_tensor(o["index"])
+    print(f"litert: {loops} loops, output {y.shape}", flush=True)
+
+
 if __name__ == "__main__":
     engine, path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    {"ncnn": ncnn_loop, "ort": ort_loop}[engine](path, n)
+    {"ncnn": ncnn_loop, "ort": ort_loop, "litert": litert_loop}[engine](path, n)

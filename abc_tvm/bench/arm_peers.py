@@ -41,8 +41,14 @@ DEBS = ("python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib", "
 # (installed without their declared dependencies: ncnn's pull in OpenCV, which inference
 # does not import; ONNX Runtime's are listed). onnxruntime 1.32.0 segfaults while importing
 # under Debian's qemu 7.2; 1.19.2 runs
+# ai-edge-litert (LiteRT, XNNPACK inside) and what its interpreter imports
 WHEELS = ("ncnn==1.0.20230517", "onnxruntime==1.19.2", "numpy==2.4.6", "flatbuffers==25.12.19",
-          "packaging==26.4", "protobuf==7.36.2")
+          "packaging==26.4", "protobuf==7.36.2", "ai-edge-litert==2.3.0",
+          "backports.strenum==1.2.8", "tqdm==4.70.1", "typing-extensions==4.16.0",
+          "ml_dtypes==0.7.0")
+# The LiteRT rows' models: a Keras ResNet-18 converted by TFLiteConverter, fp32 and int8
+# (`make litert-models`, which needs the TensorFlow environment of `make larq-zoo`)
+LITERT_DIR = ROOT / "out" / "litert"
 PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinux2014_aarch64")
 
 
@@ -73,7 +79,7 @@ PUBLISHED[("arm", "ncnn-int8")] = PUBLISHED[("rpi4", "ncnn-int8")]
 CALIBRATION = {"rpi4": 191.10 / 117.27, "rpi5": 29.68 / 27.76}
 CALIBRATION["arm"] = CALIBRATION["rpi4"]
 
-PEERS = ("ncnn-fp32", "ncnn-int8", "ort-fp32")
+PEERS = ("ncnn-fp32", "ncnn-int8", "ort-fp32", "litert-fp32", "litert-int8")
 
 
 # -- the sysroot ----------------------------------------------------------------------------
@@ -123,6 +129,26 @@ def build(sysroot: Path = SYSROOT) -> Path:
     (sysroot / "abc-tvm-sysroot.json").write_text(json.dumps({"debs": names,
                                                               "wheels": list(WHEELS)}, indent=1))
     return sysroot
+
+
+# /proc/cpuinfo of the modelled core (MIDR part, the kernel's feature names for its HWCAPs).
+# qemu 7.2's linux-user passes the host's x86 /proc/cpuinfo through; the cpuinfo library
+# inside XNNPACK (LiteRT) and recent ONNX Runtimes crashes parsing it (signal 11 when the
+# interpreter is made). qemu's -L prefix serves SYSROOT/proc/cpuinfo in its place.
+CPUINFO = {"cortex-a72": ("0xd08", "fp asimd evtstrm crc32 cpuid"),
+           "cortex-a76": ("0xd0b", "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp "
+                                   "asimdhp cpuid asimdrdm lrcpc dcpop asimddp")}
+
+
+def write_cpuinfo(sysroot: Path, target: str) -> Path:
+    """The sysroot's /proc/cpuinfo for the board `target` names (one core)."""
+    part, features = CPUINFO[cm.core_of(target).qemu_cpu]
+    path = sysroot / "proc" / "cpuinfo"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"processor\t: 0\nBogoMIPS\t: 108.00\nFeatures\t: {features}\n"
+                    "CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x0\n"
+                    f"CPU part\t: {part}\nCPU revision\t: 3\n\n")
+    return path
 
 
 def qemu_for(sysroot: Path) -> list[str]:
@@ -239,6 +265,11 @@ def _argv(peer: str, sysroot: Path, work: Path) -> tuple[str, str]:
         if not onnx_path.is_file():
             onnx_of_param(NCNN_DIR / "resnet18.param", onnx_path)
         return "ort", str(onnx_path)
+    if peer in ("litert-fp32", "litert-int8"):
+        model = LITERT_DIR / f"resnet18_{peer.removeprefix('litert-')}.tflite"
+        if not model.is_file():
+            raise UserError(f"{model} is missing: `make litert-models` writes it")
+        return "litert", str(model)
     raise UserError(f"the ARM peers are {', '.join(PEERS)}, not {peer!r}")
 
 
@@ -254,6 +285,7 @@ def run_peer(peer: str, target: str, work: Path, sysroot: Path = SYSROOT,
         return [py, str(LOOP), engine, path, str(n)]
 
     env = {"PYTHONPATH": str(site_of(sysroot)), "PYTHONNOUSERSITE": "1"}
+    write_cpuinfo(sysroot, target)
     est = cm.process_estimate(argv_for, target, qemu_for(sysroot), repeat, env)
     pub = PUBLISHED.get((target, peer))
     row = {"peer": peer, "target": target, **est.as_dict()}
@@ -271,7 +303,16 @@ def run(target: str, work: Path, peers: tuple[str, ...] = PEERS,
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     for peer in peers:
-        row = run_peer(peer, target, work, sysroot)
+        if peer.startswith("litert-") and not (site_of(sysroot) / "ai_edge_litert").is_dir():
+            print(f"  {peer} skipped: LiteRT is not in the sysroot (`make arm-peers` again)")
+            continue
+        try:
+            row = run_peer(peer, target, work, sysroot)
+        except UserError as e:
+            if not peer.startswith("litert-"):
+                raise
+            print(f"  {peer} skipped: {e}", flush=True)
+            continue
         rows.append(row)
         pub = f" (published {row['published_ms']:g} ms)" if "published_ms" in row else ""
         print(f"  {peer}: {row['ms']:.1f} ms modelled, +{row['memory_ms']:.1f} ms DRAM "
