@@ -84,13 +84,19 @@ def test_peers_see_the_modelled_cores_cpuinfo(tmp_path: Path, target: str, part:
     from abc_tvm.bench import arm_peers
 
     src = tmp_path / "cat.c"
-    src.write_text('#include <stdio.h>\nint main(void) { FILE *f = fopen("/proc/cpuinfo", "r");'
-                   ' int c; while ((c = fgetc(f)) != EOF) putchar(c); return 0; }\n')
+    src.write_text('#include <stdio.h>\nint main(int argc, char **argv) { FILE *f = '
+                   'fopen(argv[1], "r"); int c; while ((c = fgetc(f)) != EOF) putchar(c); '
+                   'return 0; }\n')
     exe = tmp_path / "cat"
     subprocess.run([GCC, "-O1", "-static", "-o", str(exe), str(src)], check=True)
     sysroot = tmp_path / "sysroot"
     arm_peers.write_cpuinfo(sysroot, target)
-    out = subprocess.run([*arm_peers.qemu_for(sysroot), str(exe)], capture_output=True,
-                         text=True, check=True).stdout
+
+    def cat(path: str) -> str:
+        return subprocess.run([*arm_peers.qemu_for(sysroot), str(exe), path],
+                              capture_output=True, text=True, check=True).stdout
+
+    out = cat("/proc/cpuinfo")
     assert f"CPU part\t: {part}" in out and "Features\t: fp asimd" in out, out
     assert "GenuineIntel" not in out and "AuthenticAMD" not in out
+    assert cat("/sys/devices/system/cpu/possible") == "0\n"  # one core, as described

@@ -141,8 +141,14 @@ CPUINFO = {"cortex-a72": ("0xd08", "fp asimd evtstrm crc32 cpuid"),
 
 
 def write_cpuinfo(sysroot: Path, target: str) -> Path:
-    """The sysroot's /proc/cpuinfo for the board `target` names (one core)."""
+    """The sysroot's /proc/cpuinfo for the board `target` names, one core, and the sysfs
+    CPU lists to match (cpuinfo indexes the cores /sys lists into those /proc/cpuinfo
+    describes: ONNX Runtime aborts when the host's two cores meet one described)."""
     part, features = CPUINFO[cm.core_of(target).qemu_cpu]
+    cpus = sysroot / "sys" / "devices" / "system" / "cpu"
+    cpus.mkdir(parents=True, exist_ok=True)
+    for name in ("possible", "present", "online"):
+        (cpus / name).write_text("0\n")
     path = sysroot / "proc" / "cpuinfo"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"processor\t: 0\nBogoMIPS\t: 108.00\nFeatures\t: {features}\n"
