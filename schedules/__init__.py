@@ -257,7 +257,14 @@ def block_lane_bits(geo: compute.ConvGeometry, vec: int, target: tvm.target.Targ
     `lanes.py`), else 0 (one int64 per word: x86's vpopcntq, or where lanes do not fit)."""
     triple = str(target.attrs.get("mtriple", ""))
     neon = str(target.kind.name) == "llvm" and triple.startswith("aarch64")
-    return 16 if neon and compute.lane_accumulation_fits(geo, vec) else 0
+    if not neon:
+        return 0
+    # The byte form where a pixel's accumulators (bases x planes x 8-channel groups) fit the
+    # register tile: one uint16 per channel, no lane reduction, the glue in registers.
+    if compute.byte_accumulation_fits(geo, vec) and geo.bases * geo.planes * \
+            _cpu.byte_groups(geo.out_channels, geo.word_bits) <= _cpu.BYTE_ACCUMULATORS:
+        return compute.BYTE_FORM
+    return 16 if compute.lane_accumulation_fits(geo, vec) else 0
 
 
 def abc_block_func(spec: compute.BlockSpec, target: tvm.target.Target,

@@ -17,7 +17,7 @@ from tvm import te
 
 from abc_tvm.floats import least_true_array
 
-from .lanes import MAX_STEPS, lane, lanes_per_word, words_per_register
+from .lanes import BYTE_FORM, MAX_STEPS, PAIRWISE_STEPS, lane, lanes_per_word, words_per_register
 
 # Block names, shared with the schedules (and with the MetaSchedule rule registered later).
 PACK = "abc_bitpack"
@@ -337,7 +337,10 @@ class BlockSpec:
     # The next layer's thresholds per channel ([N', O], ReActNet's RSign) rather than [N'].
     next_per_channel: bool = False
     # 16: accumulate AND/XOR popcounts in 16-bit lanes, summed once per tile (NEON's
-    # cnt + uadalp, `lanes.py`); the weights then come as uint16 lanes. 0: one int64 per word.
+    # cnt + uadalp, `lanes.py`); the weights then come as uint16 lanes. 8 (`BYTE_FORM`): one
+    # uint16 per output channel over the whole depth, a word's byte counts summed in the hot
+    # loop by pairwise adds (`lanes.byte_popcount_intrin`); uint16 lane weights too.
+    # 0: one int64 per word.
     lane_bits: int = 0
 
     def __post_init__(self) -> None:
@@ -353,7 +356,12 @@ class BlockSpec:
                                                       self.geo.word_bits):
             raise ValueError(f"{self.geo.out_channels} channels end in a partial word past "
                              "the first: pack them with bitpack_nhwc_func instead")
-        if self.lane_bits and not lane_accumulation_fits(self.geo, self.vec):
+        if self.lane_bits == BYTE_FORM and not byte_accumulation_fits(self.geo, self.vec):
+            raise ValueError(f"the byte form needs 64-bit words, vectors of 8 channels and at "
+                             f"most {PAIRWISE_STEPS} reduction steps")
+        if self.lane_bits not in (0, BYTE_FORM, 16):
+            raise ValueError(f"lane_bits is 0, {BYTE_FORM} or 16, not {self.lane_bits}")
+        if self.lane_bits == 16 and not lane_accumulation_fits(self.geo, self.vec):
             raise ValueError(f"16-bit lanes need 64-bit words, vectors of whole 128-bit "
                              f"registers and at most {MAX_STEPS} reduction steps")
 
@@ -405,6 +413,13 @@ def lane_accumulation_fits(geo: ConvGeometry, vec: int) -> bool:
     per 128-bit register), whole registers per weight vector, no lane overflow."""
     return (geo.word_bits == 64 and vec % words_per_register(64) == 0
             and geo.kernel[0] * geo.kernel[1] * geo.words <= MAX_STEPS)
+
+
+def byte_accumulation_fits(geo: ConvGeometry, vec: int) -> bool:
+    """Whether a block kernel can keep one uint16 per output channel over the whole depth
+    (`BYTE_FORM`): 64-bit words, whole vectors of 8 channels, no overflow (64 bits a step)."""
+    return (geo.word_bits == 64 and vec % 8 == 0
+            and geo.kernel[0] * geo.kernel[1] * geo.words <= PAIRWISE_STEPS)
 
 
 def exact_thresholds(shift: np.ndarray) -> np.ndarray:
@@ -614,6 +629,27 @@ def _lane_conv(spec: BlockSpec, padded: te.Tensor, wv: te.Tensor, attrs: dict) -
                       name=CONV_SUM)
 
 
+def _byte_conv(spec: BlockSpec, padded: te.Tensor, wv: te.Tensor, attrs: dict) -> te.Tensor:
+    """t[m, n, b, y, x, o] as one uint16 per output channel: the popcounts of a word's four
+    16-bit lanes and of every tap summed (exact: at most 64 * PAIRWISE_STEPS). The weights
+    are the uint16 lanes of the lane form; the activation word is read whole (broadcast)."""
+    geo, vec = spec.geo, spec.vec
+    sh, sw = geo.stride
+    q = lanes_per_word(geo.word_bits)
+    dtype = word_dtype(geo.word_bits)
+    ry, rx, rk = _reduce_axes(geo)
+    rj = te.reduce_axis((0, q), name="rj")
+
+    def _conv(m_, n_, b, y, x, o_):
+        a = lane(padded[n_, b, y * sh + ry, x * sw + rx, rk], rj, dtype)
+        w = wv[m_, o_ // vec, ry, rx, rk, (o_ % vec) * q + rj]
+        word = (a ^ w) if spec.bipolar else (a & w)
+        return te.sum(tvm.tirx.popcount(word), axis=[ry, rx, rk, rj])
+
+    shape = (geo.bases, geo.planes, geo.batch, geo.out_height, geo.out_width, geo.out_channels)
+    return te.compute(shape, _conv, name=CONV, attrs=attrs)
+
+
 @dataclass(frozen=True)
 class BlockTensors:
     inputs: list[te.Tensor]
@@ -643,7 +679,15 @@ def abc_block(spec: BlockSpec) -> BlockTensors:
     inputs = [packed, wv, ab]
     padded = pad_packed(packed, geo)
     attrs = {"schedule_rule": SCHEDULE_RULE, BLOCK_KEY: spec.to_json()}
-    t = (_lane_conv if spec.lane_bits else _word_conv)(spec, padded, wv, attrs)
+    conv = {0: _word_conv, BYTE_FORM: _byte_conv, 16: _lane_conv}[spec.lane_bits]
+    t = conv(spec, padded, wv, attrs)
+    byte = spec.lane_bits == BYTE_FORM
+
+    def _twice(t_: tvm.tirx.PrimExpr) -> tvm.tirx.PrimExpr:
+        """2t as float32 (exact either way; the byte form doubles in int32: `ushll #1`)."""
+        if byte:
+            return (t_.astype("int32") * 2).astype("float32")
+        return t_.astype("float32") * two
     rm = te.reduce_axis((0, m), name="rm")
     rn = te.reduce_axis((0, n), name="rn")
     two = tvm.tirx.const(2.0, "float32")
@@ -659,13 +703,13 @@ def abc_block(spec: BlockSpec) -> BlockTensors:
         def _acc(b, y, x, o_):
             qv = q[rm, _clip(top - y * sh, tc), _clip(y * sh + kh - top - geo.height, bc),
                    _clip(left - x * sw, lc), _clip(x * sw + kw - left - geo.width, rc), o_]
-            d = qv - t[rm, rn, b, y, x, o_].astype("float32") * two
+            d = qv - _twice(t[rm, rn, b, y, x, o_])
             return te.sum(ab[rm, rn, o_] * d, axis=[rm, rn])
     else:
         p = act_popcount(padded, geo)
 
         def _acc(b, y, x, o_):
-            d = t[rm, rn, b, y, x, o_].astype("float32") * two - p[rn, b, y, x].astype("float32")
+            d = _twice(t[rm, rn, b, y, x, o_]) - p[rn, b, y, x].astype("float32")
             return te.sum(ab[rm, rn, o_] * d, axis=[rm, rn])
 
     c = te.compute((geo.batch, oh, ow, o), _acc, name=ACCUMULATE)

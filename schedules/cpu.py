@@ -23,12 +23,16 @@ from tvm import s_tir, tirx
 from tvm.script import tirx as T
 
 from . import compute as C
-from ._util import SIMD, divisor_at_most, has_block, simd_of
+from ._util import NEON_A64, SIMD, divisor_at_most, has_block, simd_of
 from .lanes import (
+    BYTE_CHANNELS,
+    BYTE_FORM,
     PAIRWISE_STEPS,
+    byte_popcount_intrin,
     lane_reduce_intrin,
     lane_sum_intrin,
     lanes_per_word,
+    pack_neon_intrin,
     words_per_register,
 )
 
@@ -259,6 +263,8 @@ def block_candidates(spec: C.BlockSpec) -> dict[str, list[int]]:
     vectors of weights within the 32 vector registers.
     """
     geo = spec.geo
+    if spec.lane_bits == BYTE_FORM:
+        return _byte_candidates(spec)
     per_tile = spec.word_block // spec.vec
     vectors = [r for r in (1, 2, 4, 8) if per_tile % r == 0]
     ow, n = geo.out_width, geo.planes
@@ -290,6 +296,30 @@ def block_candidates(spec: C.BlockSpec) -> dict[str, list[int]]:
             "unroll": unroll}
 
 
+# uint16x8 accumulators of a byte-form tile: with the 4 weight registers of a step, its
+# activation broadcasts and the count/pairwise temporaries, within aarch64's 32 registers.
+BYTE_ACCUMULATORS = 16
+
+
+def byte_groups(out_channels: int, word_bits: int = 64) -> int:
+    """8-channel groups of a byte-form tile: the channels of one packed word (all of them
+    where they are not whole words, as `BlockSpec.word_block`)."""
+    wb = word_bits if out_channels % word_bits == 0 else out_channels
+    return wb // BYTE_CHANNELS
+
+
+def _byte_candidates(spec: C.BlockSpec) -> dict[str, list[int]]:
+    """Byte form: a tile is whole words of channels x `pixels`; pixels so that the
+    accumulators (bases x planes x pixels x groups) stay within BYTE_ACCUMULATORS."""
+    geo = spec.geo
+    per_px = geo.bases * geo.planes * (spec.word_block // BYTE_CHANNELS)
+    limit = max(1, BYTE_ACCUMULATORS // per_px)
+    px0 = divisor_at_most(geo.out_width, limit)
+    pixels = [px0] + [p for p in range(1, min(geo.out_width, 8) + 1)
+                      if p != px0 and geo.out_width % p == 0 and p * per_px <= 24]
+    return {"vectors": [1], "pixels": pixels, "unroll": [64, 0, 16]}
+
+
 def default_block_knobs(spec: C.BlockSpec) -> BlockKnobs:
     return BlockKnobs(**{k: v[0] for k, v in block_candidates(spec).items()})
 
@@ -310,6 +340,9 @@ def apply_block(sch: s_tir.Schedule, spec: C.BlockSpec, knobs: BlockKnobs) -> No
     c += ab * (Q - 2t). When all sub-blocks of a word are done, the glue (scale, shift,
     residual, ReLU) and the next layer's bit-packing run on the tile in L1.
     """
+    if spec.lane_bits == BYTE_FORM:
+        _apply_byte_block(sch, spec, knobs)
+        return
     geo = spec.geo
     vec, wb = spec.vec, spec.word_block
     conv = sch.get_sblock(C.CONV)
@@ -374,6 +407,77 @@ def apply_block(sch: s_tir.Schedule, spec: C.BlockSpec, knobs: BlockKnobs) -> No
             _parallel_outer(sch, sch.get_sblock(name), count)
 
 
+def _apply_byte_block(sch: s_tir.Schedule, spec: C.BlockSpec, knobs: BlockKnobs) -> None:
+    """The byte form (aarch64 NEON, `lanes.byte_popcount_intrin`): parallel over (batch,
+    word of output channels, row), then tiles of `pixels` pixels x the word's channels.
+
+    A tile's uint16 accumulators (one register per 8 channels, pixel, base and plane) live
+    over the whole (ky, kx, k) reduction; then, pixel by pixel and in registers, the fold
+    c = sum ab * (Q - 2t), the glue and the next layer's packing (one word, `pack_neon_intrin`).
+    """
+    geo = spec.geo
+    wb = spec.word_block
+    conv = sch.get_sblock(C.CONV)
+    acc = sch.get_sblock(C.ACCUMULATE)
+    glue = sch.get_sblock(C.GLUE)
+    b, y, x, o, rm, rn = sch.get_loops(acc)
+    oo, ov = sch.split(o, [geo.out_channels // wb, wb])
+    xo, xi = sch.split(x, [None, knobs.pixels])
+    sch.reorder(b, oo, y, xo, xi, rm, rn, ov)
+    sch.parallel(sch.fuse(b, oo, y))
+    sch.set_scope(acc, 0, "local")
+    sch.compute_at(conv, xo, preserve_unit_loops=True)
+    sch.reverse_compute_at(glue, xi, preserve_unit_loops=True)
+    pack = out = None
+    if spec.next_planes:
+        sch.set_scope(glue, 0, "local")
+        pack = sch.get_sblock(C.PACK_OUT)
+        sch.reverse_compute_at(pack, xi, preserve_unit_loops=True)
+        if spec.float_out:
+            out = sch.get_sblock(C.GLUE_OUT)
+            sch.reverse_compute_at(out, xi, preserve_unit_loops=True)
+
+    # The hot loop: (ky, kx, k) outside; bases x 8-channel groups x planes x pixels unrolled
+    # inside, each one update of the intrinsic (its lanes reduction innermost). A group's
+    # weights serve all its pixels at once (pixels outside, LLVM keeps every group's weights
+    # of a step live to reuse them: spills).
+    m_, n_, b_, y_, x_, o_, ry, rx, rk, rj = sch.get_loops(conv)[-10:]
+    o_g, o_i = sch.split(o_, [None, BYTE_CHANNELS])
+    sch.reorder(ry, rx, rk, m_, o_g, n_, b_, y_, x_, o_i, rj)
+    sch.set_scope(conv, 0, "local")
+    init = sch.decompose_reduction(conv, ry)
+    sch.vectorize(sch.get_loops(init)[-1])
+    for loop in sch.get_loops(init)[-6:-1]:
+        sch.unroll(loop)
+    sch.tensorize(o_i, byte_popcount_intrin(spec.bipolar))
+    for loop in (m_, n_, x_, o_g):
+        sch.unroll(loop)
+    sch.annotate(ry, "pragma_auto_unroll_max_step", knobs.unroll)
+    sch.annotate(ry, "pragma_unroll_explicit", 1)
+
+    # Per pixel (unrolled: the accumulators are indexed by it), the fold over 16 lanes.
+    sch.unroll(xi)
+    ov_o, ov_i = sch.split(ov, [None, 16])
+    sch.unroll(ov_o)
+    sch.vectorize(ov_i)
+    for loop in (rm, rn):
+        sch.unroll(loop)
+    sch.decompose_reduction(acc, rm)
+    for block in (glue, out):
+        if block is None:
+            continue
+        gl = sch.get_loops(block)
+        g_o, g_i = sch.split(gl[-1], [None, divisor_at_most(int(sch.get(gl[-1]).extent), 16)])
+        sch.unroll(g_o)
+        sch.vectorize(g_i)
+    if pack is not None:
+        _schedule_pack(sch, pack, geo.out_channels, geo.word_bits, "local",
+                       spec.next_per_channel)
+    for name, count in ((C.PAD, 3), (C.ACT_POPCOUNT, 3)):
+        if has_block(sch, name):
+            _parallel_outer(sch, sch.get_sblock(name), count)
+
+
 def _lane_hot_loop(sch: s_tir.Schedule, spec: C.BlockSpec, conv: s_tir.SBlockRV,
                    rm: s_tir.LoopRV) -> s_tir.LoopRV:
     """The 16-bit lane form of the hot loop (`compute._lane_conv`): one 128-bit register
@@ -421,11 +525,24 @@ def _schedule_pack(sch: s_tir.Schedule, pack: s_tir.SBlockRV, channels: int, wor
     j = sch.get_loops(pack)[-1]
     bits = int(sch.get(j).extent)
     init = sch.decompose_reduction(pack, j)
-    ok = _movmsk_ok(channels, word_bits, bits)
-    name = pack_intrin(bits, scope, per_channel) if ok else None
+    if _neon_pack_ok(channels, word_bits, bits):
+        name = pack_neon_intrin(bits, scope, per_channel)
+    else:
+        ok = _movmsk_ok(channels, word_bits, bits)
+        name = pack_intrin(bits, scope, per_channel) if ok else None
     if name is not None:
         sch.tensorize(j, name)
     del init
+
+
+def _neon_pack_ok(channels: int, word_bits: int, bits: int) -> bool:
+    """Whether a word packs with NEON compares and pairwise byte adds (`pack_neon_intrin`):
+    an aarch64 target in scope, whole groups of 16 channels."""
+    target = tvm.target.Target.current(allow_none=True)
+    if target is None or simd_of(target) is not NEON_A64:
+        return False
+    return word_bits == 64 and bits in (16, 32, 64) and (channels % word_bits == 0
+                                                         or channels < 64)
 
 
 def _movmsk_ok(channels: int, word_bits: int, bits: int) -> bool:

@@ -85,6 +85,8 @@ for _og, _q in ((2, 4), (4, 2)):
 
 # Lanes of up to 1023 steps (4 lanes of 16 x 1023 bits < 2^16) reduce in uint16 arithmetic.
 PAIRWISE_STEPS = 65535 // (4 * LANE_BITS)
+BYTE_FORM = 8  # BlockSpec.lane_bits of the byte form (`byte_popcount_intrin`)
+BYTE_CHANNELS = 8  # output channels of one byte-form update: one uint16x8 accumulator
 
 
 def _pairwise(x: tirx.PrimExpr, y: tirx.PrimExpr, lanes: int) -> tirx.PrimExpr:
@@ -151,3 +153,137 @@ def lane_reduce_intrin(words: int, q: int) -> str:
 
 for _words in (2, 4, 8, 16):
     lane_reduce_intrin(_words, 4)
+
+
+def pack_neon_intrin(bits: int, scope: str, per_channel: bool = False) -> str:
+    """Tensor intrinsic: one packed word from `bits` floats (z >= thr), for NEON.
+
+    Per 16 channels: four `fcmge` masks narrowed to bytes (`uzp1`) and `and`ed with the bit
+    of each channel in its byte (1, 2, ..., 128); then pairwise byte adds (`addp`) sum each
+    run of 8 channels into one byte of the word (the bits are disjoint, so add = or). NaN
+    compares false and packs to 0, as in ONNX. `bits`: 16, 32 or 64.
+    """
+    name = f"abc_pack_neon_thr{'pc' if per_channel else ''}_{bits}_{scope}"
+    if s_tir.TensorIntrin.get(name, allow_missing=True) is not None:
+        return name
+    groups = bits // 16
+    n_thr = bits if per_channel else 1
+    out_dtype = f"uint{bits}"
+
+    def thr(v, j):
+        return v[j] if per_channel else v[0]
+
+    def thr16(v, g):
+        return v[T.ramp(g * 16, 1, 16)] if per_channel else T.broadcast(v[0], 16)
+
+    one_bit = tirx.Shuffle([tirx.const(1 << (i % 8), "uint8") for i in range(16)],
+                           [tirx.const(i, "int32") for i in range(16)])
+
+    def _word(z: tirx.Buffer, v: tirx.Buffer) -> tirx.PrimExpr:
+        regs = [tirx.Select(z[T.ramp(g * 16, 1, 16)] >= thr16(v, g), one_bit,
+                            tirx.Broadcast(tirx.const(0, "uint8"), 16)) for g in range(groups)]
+        while len(regs) > 1:  # across registers: 16 bytes from each pair
+            regs = [_addp_bytes(regs[i], regs[i + 1]) for i in range(0, len(regs), 2)]
+        x = regs[0]  # 16 bytes, each the sum of 16 // (bits // 8) neighbouring channel bytes
+        # Within the register: pairs of bytes, the low 8 kept (`addp .16b`, then `.8b`, whose
+        # low half holds the sums), until a byte sums 8 channels; the word is the low bytes.
+        x = tirx.Shuffle([_addp_bytes(x, x)], [tirx.const(i, "int32") for i in range(8)])
+        for _ in range({64: 0, 32: 1, 16: 2}[bits]):
+            x = _addp_bytes(x, x, 8)
+        word = tirx.call_intrin("uint64", "tirx.reinterpret", x)
+        return word if bits == 64 else word.astype(out_dtype)
+
+    @T.prim_func(s_tir=True)
+    def desc(z: T.Buffer((bits,), "float32", offset_factor=1, scope=scope),
+             v: T.Buffer((n_thr,), "float32", offset_factor=1),
+             w: T.Buffer((1,), "uint64", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(w[0], v[0:n_thr], z[0:bits])
+            T.writes(w[0])
+            for j in range(bits):
+                with T.sblock("update"):
+                    vj = T.axis.remap("R", [j])
+                    w[0] = w[0] + T.Select(
+                        thr(v, vj) <= z[vj],
+                        T.shift_left(T.uint64(1), T.Cast("uint64", vj)), T.uint64(0))
+
+    @T.prim_func(s_tir=True)
+    def impl(z: T.Buffer((bits,), "float32", offset_factor=1, scope=scope),
+             v: T.Buffer((n_thr,), "float32", offset_factor=1),
+             w: T.Buffer((1,), "uint64", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(w[0], v[0:n_thr], z[0:bits])
+            T.writes(w[0])
+            w[0] = w[0] | T.Cast("uint64", _word(z, v))
+
+    s_tir.TensorIntrin.register(name, desc, impl)
+    return name
+
+
+def _addp_bytes(x: tirx.PrimExpr, y: tirx.PrimExpr, lanes: int = 16) -> tirx.PrimExpr:
+    """NEON `addp v.16b`: byte i of the result is (x ++ y)[2i] + (x ++ y)[2i+1] (wrapping;
+    the callers' sums stay below 256). Named, as LLVM rewrites the shuffles of `_pairwise` on
+    bytes it can prove disjoint into uzp1 + uzp2 + orr."""
+    return tirx.call_llvm_pure_intrin(f"uint8x{lanes}", "llvm.aarch64.neon.addp", x, y)
+
+
+def byte_popcount_intrin(bipolar: bool) -> str:
+    """Tensor intrinsic: the byte form's update (`compute._byte_conv`), 8 output channels of
+    one step: c[o] += popcount(a ^ w[o]) (AND when unipolar) over the word's four 16-bit
+    lanes, c uint16.
+
+    For NEON: the activation word broadcast (`ld1r .2d`), against four registers of two
+    weight words each: `eor`/`and` + `cnt .16b` per register, then three pairwise byte adds
+    (`addp .16b`, a byte then sums 8 byte counts: <= 64) leave the 8 channels' 8-byte sums in
+    order, and one `uadalp .8h` adds each channel's two bytes to its uint16. Per 128 bits the
+    triple of the lane form (two `addp` + one `uadalp` where it had four `uadalp`), and no
+    lane reduction after the loop.
+    """
+    name = f"abc_neon_byte_popcount_{'xor' if bipolar else 'and'}"
+    if s_tir.TensorIntrin.get(name, allow_missing=True) is not None:
+        return name
+    o, q = BYTE_CHANNELS, lanes_per_word(64)
+
+    def op(x, y):
+        return x ^ y if bipolar else x & y
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.Buffer((1,), "uint64", offset_factor=1),
+             w: T.Buffer((o * q,), "uint16", offset_factor=1),
+             c: T.Buffer((o,), "uint16", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:o], a[0:1], w[0:o * q])
+            T.writes(c[0:o])
+            for i, j in T.grid(o, q):
+                with T.sblock("update"):
+                    vi, vj = T.axis.remap("SR", [i, j])
+                    c[vi] = c[vi] + T.popcount(op(lane(a[0], vj, "uint64"), w[vi * q + vj]))
+
+    def _sum(a: tirx.Buffer, w: tirx.Buffer) -> tirx.PrimExpr:
+        act = T.reinterpret(T.broadcast(a[0], 2), dtype="uint8x16")
+        counts = [T.popcount(op(act, T.reinterpret(w.vload([r * 8], "uint16x8"),
+                                                   dtype="uint8x16"))) for r in range(4)]
+        s = _addp_bytes(_addp_bytes(counts[0], counts[1]), _addp_bytes(counts[2], counts[3]))
+        return T.call_llvm_pure_intrin("uint16x8", "llvm.aarch64.neon.uaddlp", s)
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.Buffer((1,), "uint64", offset_factor=1),
+             w: T.Buffer((o * q,), "uint16", offset_factor=1),
+             c: T.Buffer((o,), "uint16", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:o], a[0:1], w[0:o * q])
+            T.writes(c[0:o])
+            c[T.ramp(0, 1, o)] = c[T.ramp(0, 1, o)] + _sum(a, w)
+
+    s_tir.TensorIntrin.register(name, desc, impl)
+    return name
+
+
+for _bipolar in (True, False):
+    byte_popcount_intrin(_bipolar)
+
+
+for _bits in (16, 32, 64):
+    for _scope in ("local", "global"):
+        for _per_channel in (False, True):
+            pack_neon_intrin(_bits, _scope, _per_channel)

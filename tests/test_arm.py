@@ -232,10 +232,11 @@ def test_neon_hot_loop_is_and_cnt_uadalp(preset):
 
 @pytest.mark.parametrize("bipolar", [True, False], ids=["xor", "and"])
 def test_fused_block_hot_loop_is_cnt_uadalp(bipolar):
-    """aarch64's fused block kernel accumulates 16-bit lanes: per 128 bits eor/and + cnt.16b +
-    uadalp.8h in the hot loop, no 64-bit popcount chain there, no spills."""
+    """aarch64's fused block kernel with several bases x planes accumulates 16-bit lanes: per
+    128 bits eor/and + cnt.16b + uadalp.8h in the hot loop, no 64-bit popcount chain there,
+    no spills."""
     target = targets.ARM_PRESETS["rpi4"].target()
-    geo = C.ConvGeometry(1, 128, 14, 14, 128, (3, 3), (1, 1), (1, 1, 1, 1), 1, 1, 64)
+    geo = C.ConvGeometry(1, 128, 14, 14, 128, (3, 3), (1, 1), (1, 1, 1, 1), 2, 2, 64)
     vec = schedules.block_vector(128, 64, target)
     assert schedules.block_lane_bits(geo, vec, target) == 16
     spec = C.BlockSpec(geo, bipolar, vec, True, False, True, False, 1, lane_bits=16)
@@ -246,6 +247,31 @@ def test_fused_block_hot_loop_is_cnt_uadalp(bipolar):
     assert conv.count("cnt") == conv.count("uadalp") == conv.count(op) > 0, conv
     assert "uaddlp" not in conv, "a 64-bit lane popcount chain is in the hot loop"
     assert not {"str", "stp", "st1"} & set(conv), "accumulators spilled in the hot loop"
+
+
+@pytest.mark.parametrize("bipolar", [True, False], ids=["xor", "and"])
+@pytest.mark.parametrize("channels", [64, 128])
+def test_fused_block_byte_form_hot_loop(bipolar, channels):
+    """M = N = 1 on aarch64: the byte form, one uint16 per output channel. Per 8 channels and
+    step: 4 x (eor/and + cnt.16b), 3 addp.16b, 1 uadalp.8h (the lane form's triple per 128
+    bits), weights loaded, activations broadcast (ld1r), nothing stored in the hot loop."""
+    target = targets.ARM_PRESETS["rpi4"].target()
+    geo = C.ConvGeometry(1, channels, 14, 14, 128, (3, 3), (1, 1), (1, 1, 1, 1), 1, 1, 64)
+    vec = schedules.block_vector(128, 64, target)
+    assert schedules.block_lane_bits(geo, vec, target) == C.BYTE_FORM
+    spec = C.BlockSpec(geo, bipolar, vec, True, False, True, False, 1,
+                       lane_bits=C.BYTE_FORM)
+    asm = tvm.compile(schedules.abc_block_func(spec, target),
+                      target=target).mod.inspect_source("asm")
+    conv = max(_hot_loops(asm), key=lambda body: body.count("uadalp"))
+    op = "eor" if bipolar else "and"
+    updates = conv.count("uadalp")
+    assert updates > 0 and conv.count("cnt") == conv.count(op) == 4 * updates, conv
+    assert conv.count("addp") == 3 * updates, conv
+    assert "uaddlp" not in conv and "ld1r" in conv, conv
+    assert not {"str", "stp", "st1"} & set(conv), "accumulators spilled in the hot loop"
+    # Per 128 bits the triple plus at most one load / address op on average.
+    assert len(conv) <= 4 * conv.count("cnt"), (len(conv), conv.count("cnt"))
 
 
 def test_armv7_kernel_uses_neon_vcnt():
@@ -454,8 +480,10 @@ def _x86_output(so: Path, x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize(
     ("C_in", "O", "M", "N", "act", "stride"),
     [(70, 16, 2, 3, "bipolar", 1),    # NEON uint16-lane path, two words per pixel
+     (64, 64, 1, 1, "bipolar", 1),    # NEON byte form (M = N = 1), one word per pixel
+     (70, 16, 1, 1, "unipolar", 2),   # byte form: two words, two channel groups, stride 2
      (20, 5, 3, 1, "unipolar", 2)],   # odd O: the generic CPU schedule on aarch64
-    ids=["bipolar_neon", "unipolar_generic"])
+    ids=["bipolar_neon", "bipolar_byte", "unipolar_byte", "unipolar_generic"])
 def test_bundle_integer_model_bit_exact_under_qemu(tmp_path, C_in, O, M, N, act, stride):  # noqa: N803
     """α = β = 1: the bundle's output is the integer dot sum, equal to NumPy and x86 exactly."""
     model, x, want = abc_block_model(C_in, O, 7, 9, M, N, act, stride, 1, seed=C_in)
@@ -496,6 +524,21 @@ def test_resnet20_bundle_matches_x86(resnet20_bundle):
     assert deploy.elf_machine(bundle / "bin" / "abc-run") == deploy.EM_AARCH64
     assert all(deploy.elf_machine(bundle / "lib" / lib) == deploy.EM_AARCH64
                for lib in deploy.RUNTIME_LIBS)
+
+
+@needs_qemu
+def test_resnet20_m1n1_bundle_matches_x86(tmp_path):
+    """M = N = 1: aarch64's block kernels take the byte form, with the glue (BatchNorm,
+    residual, ReLU), float outputs and the next layer's NEON packing fused."""
+    onnx_path = tmp_path / "r20.onnx"
+    proc = cli("zoo", "abc_resnet20", "-M", "1", "-N", "1", "-o", str(onnx_path))
+    assert proc.returncode == 0, proc.stderr
+    bundle = tmp_path / "bundle"
+    _compile(onnx_path, tmp_path, "rpi4", bundle)
+    x = np.random.default_rng(5).random((1, 3, 32, 32), dtype=np.float32)
+    got = deploy.run_bundle(bundle, x)
+    want = _x86_output(_compile(onnx_path, tmp_path, "x86"), x)
+    assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
 
 
 def _runner(bundle: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
