@@ -122,3 +122,17 @@ def test_truncating_an_already_damaged_initializer_is_a_mutation_not_a_crash():
         t.dims[:] = [*t.dims, 2]
     rng = np.random.default_rng(0)
     assert "raw data cut" in fm.truncate_init(m, rng, None)
+
+
+def test_a_constant_at_the_overflow_edge_is_found(tmp_path):
+    """Mismatches in models holding such constants are `overflow` (seed 1, case 549)."""
+    m = _seed()
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    assert fz.largest_constant(str(path)) < fz.OVERFLOW_EDGE
+    t = next(t for t in m.graph.initializer if t.dims)
+    a = numpy_helper.to_array(t).copy()
+    a.flat[0] = 3e38
+    t.CopyFrom(numpy_helper.from_array(a, t.name))
+    onnx.save(m, path)
+    assert fz.largest_constant(str(path)) == pytest.approx(3e38)
