@@ -100,6 +100,7 @@ class ServeOptions:
     allow_nonfinite: bool = False
     workers: int | None = None
     read_timeout_s: float | None = None  # None: min(DEFAULT_READ_TIMEOUT_S, timeout_s)
+    max_connections: int | None = None  # uvicorn's limit_concurrency: beyond it, 503
 
     @property
     def read_deadline_s(self) -> float:
@@ -886,7 +887,8 @@ def _uvicorn_config(app: FastAPI, options: ServeOptions, log_level: str,
                     {"read_timeout_s": options.read_deadline_s})
     return uvicorn.Config(app, lifespan="on", log_level=log_level, log_config=log_config,
                           timeout_graceful_shutdown=int(options.timeout_s) + 5,
-                          access_log=log_level in ("info", "debug"), http=protocol)
+                          access_log=log_level in ("info", "debug"), http=protocol,
+                          limit_concurrency=options.max_connections)
 
 
 class BackgroundServer:
@@ -979,5 +981,7 @@ def serve_from_args(args: object) -> None:
     options = ServeOptions(token=args.token or None, max_body_bytes=args.max_body_bytes,
                            timeout_s=args.timeout, batching=not args.no_batching,
                            max_batch_delay_ms=args.max_batch_delay_ms,
-                           allow_nonfinite=args.allow_nonfinite, workers=workers)
+                           allow_nonfinite=args.allow_nonfinite, workers=workers,
+                           read_timeout_s=args.read_timeout,
+                           max_connections=args.max_connections)
     serve(models, args.host, args.port, options, args.log_level)

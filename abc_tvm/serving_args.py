@@ -81,6 +81,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="refuse larger request bodies with 413 (default: 64M)")
     p.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S,
                    help="seconds to read a request body and to run it (default: 30)")
+    p.add_argument("--read-timeout", type=_positive_float, default=None,
+                   help="seconds a connection has to send each request head before it is "
+                        "closed (slow clients, slowloris; default: min(10, --timeout))")
+    p.add_argument("--max-connections", type=_positive_int, default=None,
+                   help="connections and requests served at once; more get 503 at once "
+                        "(default: no limit)")
     p.add_argument("--max-batch-delay-ms", type=_non_negative_float,
                    default=DEFAULT_BATCH_DELAY_MS,
                    help="dynamic batching, for models compiled with batch > 1: how long the "

@@ -207,3 +207,38 @@ def test_socket_helpers_see_a_dead_server():
                                            body=b'{"error": "x"}')).ok is False
     assert soak.expect_json_4xx(soak.Reply(status=400, content_type="text/plain",
                                            body=b"Invalid")).ok is False
+
+
+def test_max_connections_sheds_load_with_503_and_recovers(modules):  # noqa: F811
+    """--max-connections N: with N connections held open, the next request is refused at
+    once (503), not queued; once they close, requests are served right again."""
+    options = ServeOptions(token=TOKEN, timeout_s=5, read_timeout_s=5, max_connections=2)
+    with BackgroundServer([load(modules["tiny"], workers=1)], options) as s:
+        x = rand(seed=22)
+        target = soak.Target("127.0.0.1", s.port, TOKEN, "tiny", x, modules["tiny_ref"](x),
+                             options.read_deadline_s)
+        held = [target.connect() for _ in range(2)]
+        time.sleep(0.2)
+        try:
+            sock = target.connect()
+            sock.sendall(soak.http_bytes("GET", "/v2/health/live"))
+            reply = soak.read_reply(sock, 5)
+            sock.close()
+            assert reply.status == 503, reply.short()
+        finally:
+            for h in held:
+                h.close()
+        time.sleep(0.2)
+        assert soak.alive_and_correct(target) is None
+
+
+def test_serve_flags_parse():
+    import argparse
+
+    from abc_tvm.serving_args import add_serve_arguments
+
+    p = argparse.ArgumentParser()
+    add_serve_arguments(p)
+    args = p.parse_args(["m.so", "--read-timeout", "2.5", "--max-connections", "64"])
+    assert (args.read_timeout, args.max_connections) == (2.5, 64)
+    assert p.parse_args(["m.so"]).max_connections is None
