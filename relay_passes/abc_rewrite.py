@@ -43,6 +43,7 @@ from abc_tvm.schedules import (
     bitpack_nhwc_func,
     block_lane_bits,
     block_vector,
+    block_word_bits,
     compute,
     packed_maxpool_func,
 )
@@ -404,17 +405,24 @@ class _Plan:
     next_thresholds: np.ndarray | None = None  # thresholds of the ABC consumers it packs for
     packed_from: str | None = None  # chain end of the producer whose packed output we read
     pool: pattern.Op | None = None  # a MaxPool between that producer and us: OR-pool its planes
+    word_bits: int = 64  # the packing word of the block's input (`block_word_bits`)
 
 
 def _plan_fused(g: pattern.Graph, blocks: list[pattern.ABCBlock],
-                shapes: dict[str, tuple]) -> dict[str, _Plan]:
-    """Fused kernels by chain end: which glue each block absorbs and which planes it writes."""
+                shapes: dict[str, tuple],
+                word_bits_of: Callable[[pattern.ABCBlock], int] | None = None
+                ) -> dict[str, _Plan]:
+    """Fused kernels by chain end: which glue each block absorbs and which planes it writes.
+    `word_bits_of`: each block's input packing word (decided once, `block_word_bits`); a
+    producer packs for its readers only where they take its own word."""
     claimed: set[str] = {op for b in blocks for op in b.ops}  # glue never takes a block's op
     plans: dict[str, _Plan] = {}
     for blk in blocks:
         glue = _glue_chain(g, blk, shapes, claimed)
         claimed.update(glue.ops)
         plans[glue.end] = _Plan(blk, blk.input, glue)
+        if word_bits_of is not None:
+            plans[glue.end].word_bits = word_bits_of(blk)
     block_ops = {op for p in plans.values() for op in p.block.ops}
     residual_of = {p.glue.residual for p in plans.values() if p.glue.residual}
     plan_of = {id(p.block): p for p in plans.values()}
@@ -431,9 +439,12 @@ def _plan_fused(g: pattern.Graph, blocks: list[pattern.ABCBlock],
         if readers and (not compute.packs_whole_words(o, 64)
                         or (pool is None and any(b.thresholds.ndim == 2 for b in readers))):
             plan.float_out = True  # the readers pack from the float output
+        elif not any(plan_of[id(b)].word_bits == plan.word_bits for b in readers):
+            plan.float_out = True  # the readers pack other words, from the float output
         elif readers:
-            thr = readers[0].thresholds
-            sharing = [b for b in readers if np.array_equal(b.thresholds, thr)]
+            same = [b for b in readers if plan_of[id(b)].word_bits == plan.word_bits]
+            thr = same[0].thresholds
+            sharing = [b for b in same if np.array_equal(b.thresholds, thr)]
             plan.next_thresholds = np.asarray(thr, np.float32)
             for b in sharing:
                 plan_of[id(b)].packed_from, plan_of[id(b)].pool = end, pool
@@ -484,10 +495,11 @@ class _FusedRewriter(PyExprMutator):
         if plan.packed_from is not None and plan.packed_from in self.packed:
             if plan.pool is None:
                 return self.packed[plan.packed_from]
-            return self._or_pool(self.packed[plan.packed_from], plan.pool, plan.x)
-        key = (plan.x, blk.thresholds.tobytes())
+            return self._or_pool(self.packed[plan.packed_from], plan.pool, plan.x,
+                                 plan.word_bits)
+        w = plan.word_bits
+        key = (plan.x, blk.thresholds.tobytes(), w)
         if key not in self.bitpacks:
-            w = self.word_bits
             x = self._nhwc(plan.x)
             b, h, wd, c = _shape(x)
             func = bitpack_nhwc_func(b, h, wd, c, blk.N, w, self.target, scheduled=self.scheduled,
@@ -498,15 +510,16 @@ class _FusedRewriter(PyExprMutator):
                 self._add(func), [x, relax.const(thr, "float32")], out))
         return self.bitpacks[key]
 
-    def _or_pool(self, packed: relax.Expr, pool: pattern.Op, out: str) -> relax.Expr:
+    def _or_pool(self, packed: relax.Expr, pool: pattern.Op, out: str,
+                 word_bits: int) -> relax.Expr:
         """MaxPool on the producer's planes (`packed_maxpool_func`), once per pool."""
         if out not in self.pooled:
             shape = _shape(packed)
             _, _, oh, ow = _shape(self.vars_[out])
             func = packed_maxpool_func(shape, pool.attrs["kernel"], pool.attrs["strides"],
-                                       pool.attrs["pads"], (oh, ow), self.word_bits,
+                                       pool.attrs["pads"], (oh, ow), word_bits,
                                        self.target)
-            ty = relax.TensorType((*shape[:2], oh, ow, shape[4]), f"uint{self.word_bits}")
+            ty = relax.TensorType((*shape[:2], oh, ow, shape[4]), f"uint{word_bits}")
             self.pooled[out] = self.builder_.emit(relax.call_tir(self._add(func), [packed], ty))
         return self.pooled[out]
 
@@ -533,9 +546,8 @@ class _FusedRewriter(PyExprMutator):
         x_shape = _shape(self.vars_[plan.x])
         b, c, h, w = x_shape
         m, o, _, kh, kw = blk.bases.shape
-        wb = self.word_bits
-        geo = compute.ConvGeometry(b, c, h, w, o, (kh, kw), tuple(blk.strides),
-                                   tuple(blk.pads), m, blk.N, wb)
+        wb = plan.word_bits
+        geo = _block_geometry(blk, x_shape, wb)
         vec = block_vector(o, wb, self.target)
         nxt = 0 if plan.next_thresholds is None else int(plan.next_thresholds.shape[0])
         spec = compute.BlockSpec(
@@ -583,6 +595,14 @@ class _FusedRewriter(PyExprMutator):
         if nxt:
             self.packed[end] = results[-1]
         self.kernels.append(gv.name_hint)
+
+
+def _block_geometry(blk: pattern.ABCBlock, x_shape: tuple[int, ...],
+                    word_bits: int) -> compute.ConvGeometry:
+    b, c, h, w = x_shape
+    m, o, _, kh, kw = blk.bases.shape
+    return compute.ConvGeometry(b, c, h, w, o, (kh, kw), tuple(blk.strides), tuple(blk.pads),
+                                m, blk.N, word_bits)
 
 
 def _fusable_target(target: tvm.target.Target, word_bits: int) -> bool:
@@ -663,7 +683,8 @@ def rewrite(mod: tvm.IRModule, target: tvm.target.Target, word_bits: int,
     if fuse_glue:
         shapes = {n: _shape(v) for n, v in vars_.items()
                   if isinstance(v.ty, relax.TensorType) and v.ty.shape is not None}
-        fplans = _plan_fused(graph, accepted, shapes)
+        fplans = _plan_fused(graph, accepted, shapes, lambda blk: block_word_bits(
+            _block_geometry(blk, shapes[blk.input], word_bits), target))
         done = [Rewritten(p.block, "abc_block: AND/popcount + fused " + (
             ", ".join(dict.fromkeys(p.glue.kinds)) or "epilogue")
             + ("; its input MaxPool runs on packed bits" if p.pool is not None else ""),

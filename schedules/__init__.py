@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -21,6 +22,7 @@ __all__ = [
     "bitpack_func",
     "bitpack_nhwc_func",
     "block_lane_bits",
+    "block_word_bits",
     "block_vector",
     "compute",
     "num_words",
@@ -265,6 +267,21 @@ def block_lane_bits(geo: compute.ConvGeometry, vec: int, target: tvm.target.Targ
             _cpu.byte_groups(geo.out_channels, geo.word_bits) <= _cpu.BYTE_ACCUMULATORS:
         return compute.BYTE_FORM
     return 16 if compute.lane_accumulation_fits(geo, vec) else 0
+
+
+def block_word_bits(geo: compute.ConvGeometry, target: tvm.target.Target) -> int:
+    """The packing word of a fused block's input (`geo` in the target's word, 64 on CPUs):
+    on aarch64 NEON, 32 for layers of at most 32 channels whose kernel takes the byte form
+    in 32-bit words (`lanes.byte_popcount_intrin`): a 64-bit word would be half zeros, and
+    the popcount work half wasted. Else `geo.word_bits`. The one place this is decided:
+    the rewrite packs the block's input (and lets a producer pack for it) in this word."""
+    triple = str(target.attrs.get("mtriple", ""))
+    if str(target.kind.name) != "llvm" or not triple.startswith("aarch64") \
+            or geo.word_bits != 64 or geo.channels > 32:
+        return geo.word_bits
+    narrow = dataclasses.replace(geo, word_bits=32)
+    vec = block_vector(geo.out_channels, 32, target)
+    return 32 if block_lane_bits(narrow, vec, target) == compute.BYTE_FORM else geo.word_bits
 
 
 def abc_block_func(spec: compute.BlockSpec, target: tvm.target.Target,

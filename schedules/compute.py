@@ -357,8 +357,8 @@ class BlockSpec:
             raise ValueError(f"{self.geo.out_channels} channels end in a partial word past "
                              "the first: pack them with bitpack_nhwc_func instead")
         if self.lane_bits == BYTE_FORM and not byte_accumulation_fits(self.geo, self.vec):
-            raise ValueError(f"the byte form needs 64-bit words, vectors of 8 channels and at "
-                             f"most {PAIRWISE_STEPS} reduction steps")
+            raise ValueError(f"the byte form needs 32- or 64-bit words, vectors of 8 channels "
+                             f"and at most {PAIRWISE_STEPS} reduction steps")
         if self.lane_bits not in (0, BYTE_FORM, 16):
             raise ValueError(f"lane_bits is 0, {BYTE_FORM} or 16, not {self.lane_bits}")
         if self.lane_bits == 16 and not lane_accumulation_fits(self.geo, self.vec):
@@ -417,8 +417,9 @@ def lane_accumulation_fits(geo: ConvGeometry, vec: int) -> bool:
 
 def byte_accumulation_fits(geo: ConvGeometry, vec: int) -> bool:
     """Whether a block kernel can keep one uint16 per output channel over the whole depth
-    (`BYTE_FORM`): 64-bit words, whole vectors of 8 channels, no overflow (64 bits a step)."""
-    return (geo.word_bits == 64 and vec % 8 == 0
+    (`BYTE_FORM`): 64-bit words (or 32-bit: `lanes.byte_popcount_intrin`), whole vectors of
+    8 channels, no overflow (at most 64 bits a step)."""
+    return (geo.word_bits in (32, 64) and vec % 8 == 0
             and geo.kernel[0] * geo.kernel[1] * geo.words <= PAIRWISE_STEPS)
 
 

@@ -449,7 +449,7 @@ def _apply_byte_block(sch: s_tir.Schedule, spec: C.BlockSpec, knobs: BlockKnobs)
     sch.vectorize(sch.get_loops(init)[-1])
     for loop in sch.get_loops(init)[-6:-1]:
         sch.unroll(loop)
-    sch.tensorize(o_i, byte_popcount_intrin(spec.bipolar))
+    sch.tensorize(o_i, byte_popcount_intrin(spec.bipolar, geo.word_bits))
     for loop in (m_, n_, x_, o_g):
         sch.unroll(loop)
     sch.annotate(ry, "pragma_auto_unroll_max_step", knobs.unroll)
@@ -526,7 +526,7 @@ def _schedule_pack(sch: s_tir.Schedule, pack: s_tir.SBlockRV, channels: int, wor
     bits = int(sch.get(j).extent)
     init = sch.decompose_reduction(pack, j)
     if _neon_pack_ok(channels, word_bits, bits):
-        name = pack_neon_intrin(bits, scope, per_channel)
+        name = pack_neon_intrin(bits, scope, per_channel, word_bits)
     else:
         ok = _movmsk_ok(channels, word_bits, bits)
         name = pack_intrin(bits, scope, per_channel) if ok else None
@@ -537,12 +537,13 @@ def _schedule_pack(sch: s_tir.Schedule, pack: s_tir.SBlockRV, channels: int, wor
 
 def _neon_pack_ok(channels: int, word_bits: int, bits: int) -> bool:
     """Whether a word packs with NEON compares and pairwise byte adds (`pack_neon_intrin`):
-    an aarch64 target in scope, whole groups of 16 channels."""
+    an aarch64 target in scope, whole groups of 16 channels (64-bit words, or the 32-bit
+    words of narrow layers: `block_word_bits`)."""
     target = tvm.target.Target.current(allow_none=True)
     if target is None or simd_of(target) is not NEON_A64:
         return False
-    return word_bits == 64 and bits in (16, 32, 64) and (channels % word_bits == 0
-                                                         or channels < 64)
+    return word_bits in (32, 64) and bits in (16, 32, 64) and bits <= word_bits \
+        and (channels % word_bits == 0 or channels < word_bits)
 
 
 def _movmsk_ok(channels: int, word_bits: int, bits: int) -> bool:

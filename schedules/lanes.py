@@ -155,17 +155,22 @@ for _words in (2, 4, 8, 16):
     lane_reduce_intrin(_words, 4)
 
 
-def pack_neon_intrin(bits: int, scope: str, per_channel: bool = False) -> str:
+def pack_neon_intrin(bits: int, scope: str, per_channel: bool = False,
+                     word_bits: int = 64) -> str:
     """Tensor intrinsic: one packed word from `bits` floats (z >= thr), for NEON.
 
     Per 16 channels: four `fcmge` masks narrowed to bytes (`uzp1`) and `and`ed with the bit
     of each channel in its byte (1, 2, ..., 128); then pairwise byte adds (`addp`) sum each
     run of 8 channels into one byte of the word (the bits are disjoint, so add = or). NaN
-    compares false and packs to 0, as in ONNX. `bits`: 16, 32 or 64.
+    compares false and packs to 0, as in ONNX. `bits`: 16, 32 or 64, at most `word_bits`
+    (the packed word's type: 64, or 32 for narrow layers' 32-bit words).
     """
     name = f"abc_pack_neon_thr{'pc' if per_channel else ''}_{bits}_{scope}"
+    if word_bits != 64:
+        name += f"_u{word_bits}"
     if s_tir.TensorIntrin.get(name, allow_missing=True) is not None:
         return name
+    wdt = f"uint{word_bits}"
     groups = bits // 16
     n_thr = bits if per_channel else 1
     out_dtype = f"uint{bits}"
@@ -196,7 +201,7 @@ def pack_neon_intrin(bits: int, scope: str, per_channel: bool = False) -> str:
     @T.prim_func(s_tir=True)
     def desc(z: T.Buffer((bits,), "float32", offset_factor=1, scope=scope),
              v: T.Buffer((n_thr,), "float32", offset_factor=1),
-             w: T.Buffer((1,), "uint64", offset_factor=1)) -> None:
+             w: T.Buffer((1,), wdt, offset_factor=1)) -> None:
         with T.sblock("root"):
             T.reads(w[0], v[0:n_thr], z[0:bits])
             T.writes(w[0])
@@ -205,16 +210,16 @@ def pack_neon_intrin(bits: int, scope: str, per_channel: bool = False) -> str:
                     vj = T.axis.remap("R", [j])
                     w[0] = w[0] + T.Select(
                         thr(v, vj) <= z[vj],
-                        T.shift_left(T.uint64(1), T.Cast("uint64", vj)), T.uint64(0))
+                        T.shift_left(T.Cast(wdt, 1), T.Cast(wdt, vj)), T.Cast(wdt, 0))
 
     @T.prim_func(s_tir=True)
     def impl(z: T.Buffer((bits,), "float32", offset_factor=1, scope=scope),
              v: T.Buffer((n_thr,), "float32", offset_factor=1),
-             w: T.Buffer((1,), "uint64", offset_factor=1)) -> None:
+             w: T.Buffer((1,), wdt, offset_factor=1)) -> None:
         with T.sblock("root"):
             T.reads(w[0], v[0:n_thr], z[0:bits])
             T.writes(w[0])
-            w[0] = w[0] | T.Cast("uint64", _word(z, v))
+            w[0] = w[0] | T.Cast(wdt, _word(z, v))
 
     s_tir.TensorIntrin.register(name, desc, impl)
     return name
@@ -227,7 +232,7 @@ def _addp_bytes(x: tirx.PrimExpr, y: tirx.PrimExpr, lanes: int = 16) -> tirx.Pri
     return tirx.call_llvm_pure_intrin(f"uint8x{lanes}", "llvm.aarch64.neon.addp", x, y)
 
 
-def byte_popcount_intrin(bipolar: bool) -> str:
+def byte_popcount_intrin(bipolar: bool, word_bits: int = 64) -> str:
     """Tensor intrinsic: the byte form's update (`compute._byte_conv`), 8 output channels of
     one step: c[o] += popcount(a ^ w[o]) (AND when unipolar) over the word's four 16-bit
     lanes, c uint16.
@@ -238,17 +243,27 @@ def byte_popcount_intrin(bipolar: bool) -> str:
     order, and one `uadalp .8h` adds each channel's two bytes to its uint16. Per 128 bits the
     triple of the lane form (two `addp` + one `uadalp` where it had four `uadalp`), and no
     lane reduction after the loop.
+
+    `word_bits` 32 (layers of at most 32 channels, which a 64-bit word would half fill):
+    the 32-bit activation word broadcast (`ld1r .4s`) against two registers of four weight
+    words each, one `addp` and one `uadalp`: half the work of a half-empty 64-bit word.
     """
     name = f"abc_neon_byte_popcount_{'xor' if bipolar else 'and'}"
+    if word_bits != 64:
+        name += f"_u{word_bits}"
     if s_tir.TensorIntrin.get(name, allow_missing=True) is not None:
         return name
-    o, q = BYTE_CHANNELS, lanes_per_word(64)
+    if word_bits not in (32, 64):
+        raise ValueError(f"the byte form packs 32- or 64-bit words, not {word_bits}")
+    o, q = BYTE_CHANNELS, lanes_per_word(word_bits)
+    wdt = f"uint{word_bits}"
+    regs = o * q // 8  # uint16x8 weight registers of one update
 
     def op(x, y):
         return x ^ y if bipolar else x & y
 
     @T.prim_func(s_tir=True)
-    def desc(a: T.Buffer((1,), "uint64", offset_factor=1),
+    def desc(a: T.Buffer((1,), wdt, offset_factor=1),
              w: T.Buffer((o * q,), "uint16", offset_factor=1),
              c: T.Buffer((o,), "uint16", offset_factor=1, scope="local")) -> None:
         with T.sblock("root"):
@@ -257,17 +272,18 @@ def byte_popcount_intrin(bipolar: bool) -> str:
             for i, j in T.grid(o, q):
                 with T.sblock("update"):
                     vi, vj = T.axis.remap("SR", [i, j])
-                    c[vi] = c[vi] + T.popcount(op(lane(a[0], vj, "uint64"), w[vi * q + vj]))
+                    c[vi] = c[vi] + T.popcount(op(lane(a[0], vj, wdt), w[vi * q + vj]))
 
     def _sum(a: tirx.Buffer, w: tirx.Buffer) -> tirx.PrimExpr:
-        act = T.reinterpret(T.broadcast(a[0], 2), dtype="uint8x16")
+        act = T.reinterpret(T.broadcast(a[0], 128 // word_bits), dtype="uint8x16")
         counts = [T.popcount(op(act, T.reinterpret(w.vload([r * 8], "uint16x8"),
-                                                   dtype="uint8x16"))) for r in range(4)]
-        s = _addp_bytes(_addp_bytes(counts[0], counts[1]), _addp_bytes(counts[2], counts[3]))
-        return T.call_llvm_pure_intrin("uint16x8", "llvm.aarch64.neon.uaddlp", s)
+                                                   dtype="uint8x16"))) for r in range(regs)]
+        while len(counts) > 1:  # a channel's bytes end adjacent: 2 per channel
+            counts = [_addp_bytes(counts[i], counts[i + 1]) for i in range(0, len(counts), 2)]
+        return T.call_llvm_pure_intrin("uint16x8", "llvm.aarch64.neon.uaddlp", counts[0])
 
     @T.prim_func(s_tir=True)
-    def impl(a: T.Buffer((1,), "uint64", offset_factor=1),
+    def impl(a: T.Buffer((1,), wdt, offset_factor=1),
              w: T.Buffer((o * q,), "uint16", offset_factor=1),
              c: T.Buffer((o,), "uint16", offset_factor=1, scope="local")) -> None:
         with T.sblock("root"):
@@ -280,10 +296,13 @@ def byte_popcount_intrin(bipolar: bool) -> str:
 
 
 for _bipolar in (True, False):
-    byte_popcount_intrin(_bipolar)
+    for _bits in (32, 64):
+        byte_popcount_intrin(_bipolar, _bits)
 
 
 for _bits in (16, 32, 64):
     for _scope in ("local", "global"):
         for _per_channel in (False, True):
             pack_neon_intrin(_bits, _scope, _per_channel)
+            if _bits <= 32:
+                pack_neon_intrin(_bits, _scope, _per_channel, word_bits=32)

@@ -11,6 +11,7 @@ both); the rest run anywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -274,6 +275,31 @@ def test_fused_block_byte_form_hot_loop(bipolar, channels):
     assert len(conv) <= 4 * conv.count("cnt"), (len(conv), conv.count("cnt"))
 
 
+@pytest.mark.parametrize("bipolar", [True, False], ids=["xor", "and"])
+def test_fused_block_byte_form_32bit_words(bipolar):
+    """At most 32 channels on aarch64: the block's input packs in 32-bit words (x86 keeps
+    64), and the byte form's update is 2 x (eor/and + cnt.16b), 1 addp.16b, 1 uadalp.8h per
+    8 channels against a broadcast 32-bit word (ld1r .4s): no half-empty 64-bit words."""
+    target = targets.ARM_PRESETS["rpi4"].target()
+    geo = C.ConvGeometry(1, 32, 14, 14, 32, (3, 3), (1, 1), (1, 1, 1, 1), 1, 1, 64)
+    assert schedules.block_word_bits(geo, target) == 32
+    assert schedules.block_word_bits(geo, targets.resolve("x86").target) == 64
+    assert schedules.block_word_bits(dataclasses.replace(geo, channels=64), target) == 64
+    geo = dataclasses.replace(geo, word_bits=32)
+    vec = schedules.block_vector(32, 32, target)
+    assert schedules.block_lane_bits(geo, vec, target) == C.BYTE_FORM
+    spec = C.BlockSpec(geo, bipolar, vec, True, False, True, False, 1, lane_bits=C.BYTE_FORM)
+    asm = tvm.compile(schedules.abc_block_func(spec, target),
+                      target=target).mod.inspect_source("asm")
+    conv = max(_hot_loops(asm), key=lambda body: body.count("uadalp") + body.count("uaddlp"))
+    op = "eor" if bipolar else "and"
+    updates = conv.count("uadalp") + conv.count("uaddlp")
+    assert updates > 0 and conv.count("cnt") == conv.count(op) == 2 * updates, conv
+    assert conv.count("addp") == updates, conv
+    assert re.search(r"ld1r\t\{ v\d+\.4s \}", "\n".join(asm.splitlines())), "no 32-bit broadcast"
+    assert not {"str", "stp", "st1"} & set(conv), "accumulators spilled in the hot loop"
+
+
 def test_armv7_kernel_uses_neon_vcnt():
     target = targets.ARM_PRESETS["armv7"].target()
     case = Case(1, 64, 6, 6, 8, (3, 3), (1, 1), (1, 1, 1, 1), 2, 2, True)
@@ -482,8 +508,11 @@ def _x86_output(so: Path, x: np.ndarray) -> np.ndarray:
     [(70, 16, 2, 3, "bipolar", 1),    # NEON uint16-lane path, two words per pixel
      (64, 64, 1, 1, "bipolar", 1),    # NEON byte form (M = N = 1), one word per pixel
      (70, 16, 1, 1, "unipolar", 2),   # byte form: two words, two channel groups, stride 2
-     (20, 5, 3, 1, "unipolar", 2)],   # odd O: the generic CPU schedule on aarch64
-    ids=["bipolar_neon", "bipolar_byte", "unipolar_byte", "unipolar_generic"])
+     (20, 5, 3, 1, "unipolar", 2),    # odd O: the generic CPU schedule on aarch64
+     (32, 32, 1, 1, "bipolar", 1),    # <= 32 channels: the byte form on 32-bit words
+     (24, 16, 1, 1, "unipolar", 2)],  # 32-bit words, a partial word, stride 2
+    ids=["bipolar_neon", "bipolar_byte", "unipolar_byte", "unipolar_generic", "bipolar_byte32",
+         "unipolar_byte32"])
 def test_bundle_integer_model_bit_exact_under_qemu(tmp_path, C_in, O, M, N, act, stride):  # noqa: N803
     """α = β = 1: the bundle's output is the integer dot sum, equal to NumPy and x86 exactly."""
     model, x, want = abc_block_model(C_in, O, 7, 9, M, N, act, stride, 1, seed=C_in)
