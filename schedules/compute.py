@@ -408,6 +408,14 @@ class BlockSpec:
                 f"{f'_l{self.lane_bits}' if self.lane_bits else ''}")
 
 
+def direct_fold(spec: BlockSpec) -> bool:
+    """Whether the block's fold c = ab * (Q - 2t) is one term (M = N = 1, the byte form, no
+    packing in the kernel): written without a reduction, the schedule inlines it into the
+    glue (`cpu._apply_byte_block`), channel vectors outside the tile's pixels."""
+    return (spec.lane_bits == BYTE_FORM and spec.geo.bases == spec.geo.planes == 1
+            and not spec.next_planes)
+
+
 def lane_accumulation_fits(geo: ConvGeometry, vec: int) -> bool:
     """Whether a block kernel can accumulate in 16-bit lanes: 64-bit words (4 lanes, 2 words
     per 128-bit register), whole registers per weight vector, no lane overflow."""
@@ -701,19 +709,22 @@ def abc_block(spec: BlockSpec) -> BlockTensors:
         def _clip(e, hi):
             return tvm.tirx.min(tvm.tirx.max(e, 0), hi)
 
-        def _acc(b, y, x, o_):
-            qv = q[rm, _clip(top - y * sh, tc), _clip(y * sh + kh - top - geo.height, bc),
+        def _term(m_, n_, b, y, x, o_):
+            qv = q[m_, _clip(top - y * sh, tc), _clip(y * sh + kh - top - geo.height, bc),
                    _clip(left - x * sw, lc), _clip(x * sw + kw - left - geo.width, rc), o_]
-            d = qv - _twice(t[rm, rn, b, y, x, o_])
-            return te.sum(ab[rm, rn, o_] * d, axis=[rm, rn])
+            return ab[m_, n_, o_] * (qv - _twice(t[m_, n_, b, y, x, o_]))
     else:
         p = act_popcount(padded, geo)
 
-        def _acc(b, y, x, o_):
-            d = _twice(t[rm, rn, b, y, x, o_]) - p[rn, b, y, x].astype("float32")
-            return te.sum(ab[rm, rn, o_] * d, axis=[rm, rn])
+        def _term(m_, n_, b, y, x, o_):
+            d = _twice(t[m_, n_, b, y, x, o_]) - p[n_, b, y, x].astype("float32")
+            return ab[m_, n_, o_] * d
 
-    c = te.compute((geo.batch, oh, ow, o), _acc, name=ACCUMULATE)
+    if direct_fold(spec):  # one term: no reduction, so the schedule can inline it
+        c = te.compute((geo.batch, oh, ow, o), lambda *i: _term(0, 0, *i), name=ACCUMULATE)
+    else:
+        c = te.compute((geo.batch, oh, ow, o),
+                       lambda *i: te.sum(_term(rm, rn, *i), axis=[rm, rn]), name=ACCUMULATE)
     if spec.affine:
         scale = te.placeholder((o,), "float32", name="scale")
         shift = te.placeholder((o,), "float32", name="shift")

@@ -432,11 +432,11 @@ def test_neon_kernels_bit_exact_under_qemu(tmp_path):
 
 
 def abc_block_model(C_in: int, O: int, H: int, W: int, M: int, N: int, act: str,  # noqa: N803
-                    stride: int, pad: int, seed: int) -> tuple[onnx.ModelProto, np.ndarray,
-                                                               np.ndarray]:
+                    stride: int, pad: int, seed: int, k: int = 3
+                    ) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
     """One ABC block in the canonical ONNX pattern with α = β = 1: output = Σ_m Σ_n dot."""
     rng = np.random.default_rng(seed)
-    bases = np.where(rng.random((M, O, C_in, 3, 3)) < 0.5, -1, 1).astype(np.float32)
+    bases = np.where(rng.random((M, O, C_in, k, k)) < 0.5, -1, 1).astype(np.float32)
     shifts = rng.uniform(-0.4, 0.4, N).astype(np.float32)
     inits = [numpy_helper.from_array(bases, "bases"),
              numpy_helper.from_array(np.ones((M, 1, 1, 1, 1), np.float32), "alpha"),
@@ -462,7 +462,7 @@ def abc_block_model(C_in: int, O: int, H: int, W: int, M: int, N: int, act: str,
                       helper.make_node("Sub", [p + "m", "one"], [p + "a"])]
             a = p + "a"
         nodes += [helper.make_node("Conv", [a, "W"], [p + "y"], strides=[stride, stride],
-                                   pads=[pad] * 4, kernel_shape=[3, 3]),
+                                   pads=[pad] * 4, kernel_shape=[k, k]),
                   helper.make_node("Mul", [p + "y", f"beta{n}"], [p + "z"])]
         outs.append(p + "z")
     total = outs[0]
@@ -470,8 +470,8 @@ def abc_block_model(C_in: int, O: int, H: int, W: int, M: int, N: int, act: str,
         nodes.append(helper.make_node("Add", [total, o], [f"sum{i}"]))
         total = f"sum{i}"
     nodes.append(helper.make_node("Identity", [total], ["output"]))
-    oh = (H + 2 * pad - 3) // stride + 1
-    ow = (W + 2 * pad - 3) // stride + 1
+    oh = (H + 2 * pad - k) // stride + 1
+    ow = (W + 2 * pad - k) // stride + 1
     graph = helper.make_graph(
         nodes, "abc_block",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, C_in, H, W])],
@@ -524,6 +524,20 @@ def test_bundle_integer_model_bit_exact_under_qemu(tmp_path, C_in, O, M, N, act,
     np.testing.assert_array_equal(got, _x86_output(_compile(model, tmp_path, "x86"), x))
     readme = (bundle / "README.md").read_text()
     assert "qemu" in readme and f"[1, {C_in}, 7, 9]" in readme
+
+
+@needs_qemu
+@pytest.mark.parametrize(("C_in", "O", "act"), [(128, 48, "bipolar"), (32, 24, "unipolar")],
+                         ids=["bipolar_64bit", "unipolar_32bit"])
+def test_bundle_1x1_byte_form_bit_exact_under_qemu(tmp_path, C_in, O, act):  # noqa: N803
+    """M = N = 1 1x1 convs: the byte form's direct fold, sub-tiles of 16 (or 8) channels x
+    the pixels (`cpu.direct_channels`), 64- and 32-bit words: exact under qemu and as x86."""
+    model, x, want = abc_block_model(C_in, O, 5, 16, 1, 1, act, 1, 0, seed=O, k=1)
+    bundle = tmp_path / "bundle"
+    _compile(model, tmp_path, "arm", bundle)
+    got = deploy.run_bundle(bundle, x)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, _x86_output(_compile(model, tmp_path, "x86"), x))
 
 
 @pytest.fixture(scope="module")
