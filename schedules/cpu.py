@@ -371,7 +371,7 @@ def apply_block(sch: s_tir.Schedule, spec: C.BlockSpec, knobs: BlockKnobs) -> No
 
     # The hot loop: (ky, kx, k) outside; planes x pixels x channel vectors unrolled inside.
     if spec.lane_bits:
-        ry = _lane_hot_loop(sch, spec, conv, rm)
+        ry = _lane_hot_loop(sch, spec, conv, rm, fixed=isinstance(knobs.vectors, int))
     else:
         n_, b_, y_, x_, o_, ry, rx, rk = sch.get_loops(conv)[-8:]
         o_v, o_i = sch.split(o_, [None, vec])
@@ -533,7 +533,7 @@ def _apply_byte_direct(sch: s_tir.Schedule, spec: C.BlockSpec, knobs: BlockKnobs
 
 
 def _lane_hot_loop(sch: s_tir.Schedule, spec: C.BlockSpec, conv: s_tir.SBlockRV,
-                   rm: s_tir.LoopRV) -> s_tir.LoopRV:
+                   rm: s_tir.LoopRV, fixed: bool = True) -> s_tir.LoopRV:
     """The 16-bit lane form of the hot loop (`compute._lane_conv`): one 128-bit register
     (og words x q lanes) vectorised, the tile's registers unrolled; the lanes are summed to
     int32 once per tile and base (`lanes.lane_sum_intrin`), before the float fold. Returns
@@ -555,7 +555,10 @@ def _lane_hot_loop(sch: s_tir.Schedule, spec: C.BlockSpec, conv: s_tir.SBlockRV,
     sch.set_scope(csum, 0, "local")
     geo = spec.geo
     words = int(sch.get(o_).extent)
-    if geo.kernel[0] * geo.kernel[1] * geo.words <= PAIRWISE_STEPS and words in (2, 4, 8, 16):
+    # The pairwise intrinsic is named by the tile's word count: only where the tile is fixed
+    # (a sampled `vectors` knob would replay a trace naming another tile's intrinsic).
+    if fixed and geo.kernel[0] * geo.kernel[1] * geo.words <= PAIRWISE_STEPS \
+            and words in (2, 4, 8, 16):
         # A pixel's words reduce together: pairwise adds across its registers (`addp`).
         init = sch.decompose_reduction(csum, o_)
         sch.vectorize(sch.get_loops(init)[-1])
