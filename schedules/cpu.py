@@ -32,6 +32,7 @@ from .lanes import (
     lane_reduce_intrin,
     lane_sum_intrin,
     lanes_per_word,
+    pack_desc,
     pack_neon_intrin,
     words_per_register,
 )
@@ -632,25 +633,8 @@ def pack_intrin(bits: int, scope: str, per_channel: bool = False) -> str:
     # The threshold of bit j, and of the 8 lanes of group g: v[j] or the word's one v[0].
     n_thr = bits if per_channel else 1
 
-    def thr(v, j):
-        return v[j] if per_channel else v[0]
-
     def thr8(v, g):
         return v[T.ramp(g * 8, 1, 8)] if per_channel else T.broadcast(v[0], 8)
-
-    @T.prim_func(s_tir=True)
-    def desc(z: T.Buffer((bits,), "float32", offset_factor=1, scope=scope),
-             v: T.Buffer((n_thr,), "float32", offset_factor=1),
-             w: T.Buffer((1,), "uint64", offset_factor=1)) -> None:
-        with T.sblock("root"):
-            T.reads(w[0], v[0:n_thr], z[0:bits])
-            T.writes(w[0])
-            for j in range(bits):
-                with T.sblock("update"):
-                    vj = T.axis.remap("R", [j])
-                    w[0] = w[0] + T.Select(
-                        thr(v, vj) <= z[vj],
-                        T.shift_left(T.uint64(1), T.Cast("uint64", vj)), T.uint64(0))
 
     @T.prim_func(s_tir=True)
     def impl(z: T.Buffer((bits,), "float32", offset_factor=1, scope=scope),
@@ -667,7 +651,7 @@ def pack_intrin(bits: int, scope: str, per_channel: bool = False) -> str:
                     T.reinterpret(mask, dtype="float32x8"), dtype="int32")
                 w[0] = w[0] | T.shift_left(T.Cast("uint64", lanes), T.Cast("uint64", g * 8))
 
-    s_tir.TensorIntrin.register(name, desc, impl)
+    s_tir.TensorIntrin.register(name, pack_desc(bits, scope, per_channel), impl)
     return name
 
 

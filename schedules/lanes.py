@@ -46,17 +46,6 @@ def lane_sum_intrin(og: int, q: int) -> str:
     steps = {2: 1, 4: 2}[q]
 
     @T.prim_func(s_tir=True)
-    def desc(a: T.Buffer((og, q), "uint16", offset_factor=1, scope="local"),
-             c: T.Buffer((og,), "int32", offset_factor=1, scope="local")) -> None:
-        with T.sblock("root"):
-            T.reads(c[0:og], a[0:og, 0:q])
-            T.writes(c[0:og])
-            for i, j in T.grid(og, q):
-                with T.sblock("update"):
-                    vi, vj = T.axis.remap("SR", [i, j])
-                    c[vi] = c[vi] + T.cast(a[vi, vj], "int32")
-
-    @T.prim_func(s_tir=True)
     def impl(a: T.Buffer((og, q), "uint16", offset_factor=1, scope="local"),
              c: T.Buffer((og,), "int32", offset_factor=1, scope="local")) -> None:
         with T.sblock("root"):
@@ -74,8 +63,26 @@ def lane_sum_intrin(og: int, q: int) -> str:
                 c[T.ramp(0, 1, og)] = c[T.ramp(0, 1, og)] + T.reinterpret(
                     s32, dtype=f"int32x{og}")
 
-    s_tir.TensorIntrin.register(name, desc, impl)
+    s_tir.TensorIntrin.register(name, _lane_sum_desc(og, q), impl)
     return name
+
+
+def _lane_sum_desc(words: int, q: int) -> tirx.PrimFunc:
+    """What the lane-sum intrinsics compute: `words` int32 += the sums of their q uint16
+    lanes (`lane_sum_intrin` from one register, `lane_reduce_intrin` across several)."""
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.Buffer((words, q), "uint16", offset_factor=1, scope="local"),
+             c: T.Buffer((words,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:words], a[0:words, 0:q])
+            T.writes(c[0:words])
+            for i, j in T.grid(words, q):
+                with T.sblock("update"):
+                    vi, vj = T.axis.remap("SR", [i, j])
+                    c[vi] = c[vi] + T.cast(a[vi, vj], "int32")
+
+    return desc
 
 
 # Registered at import, so a tuning record's trace (which names them) replays at compile time.
@@ -107,18 +114,6 @@ def lane_reduce_intrin(words: int, q: int) -> str:
     if s_tir.TensorIntrin.get(name, allow_missing=True) is not None:
         return name
     lanes = words * q
-
-    @T.prim_func(s_tir=True)
-    def desc(a: T.Buffer((words, q), "uint16", offset_factor=1, scope="local"),
-             c: T.Buffer((words,), "int32", offset_factor=1, scope="local")) -> None:
-        with T.sblock("root"):
-            T.reads(c[0:words], a[0:words, 0:q])
-            T.writes(c[0:words])
-            for i, j in T.grid(words, q):
-                with T.sblock("update"):
-                    vi, vj = T.axis.remap("SR", [i, j])
-                    c[vi] = c[vi] + T.cast(a[vi, vj], "int32")
-
     per = VECTOR_BITS // LANE_BITS  # uint16 lanes per register
 
     def _sum(a: tirx.Buffer) -> tirx.PrimExpr:
@@ -147,7 +142,7 @@ def lane_reduce_intrin(words: int, q: int) -> str:
             c[T.ramp(0, 1, words)] = c[T.ramp(0, 1, words)] + T.cast(
                 _sum(a), f"int32x{words}")
 
-    s_tir.TensorIntrin.register(name, desc, impl)
+    s_tir.TensorIntrin.register(name, _lane_sum_desc(words, q), impl)
     return name
 
 
@@ -175,9 +170,6 @@ def pack_neon_intrin(bits: int, scope: str, per_channel: bool = False,
     n_thr = bits if per_channel else 1
     out_dtype = f"uint{bits}"
 
-    def thr(v, j):
-        return v[j] if per_channel else v[0]
-
     def thr16(v, g):
         return v[T.ramp(g * 16, 1, 16)] if per_channel else T.broadcast(v[0], 16)
 
@@ -199,6 +191,27 @@ def pack_neon_intrin(bits: int, scope: str, per_channel: bool = False,
         return word if bits == 64 else word.astype(out_dtype)
 
     @T.prim_func(s_tir=True)
+    def impl(z: T.Buffer((bits,), "float32", offset_factor=1, scope=scope),
+             v: T.Buffer((n_thr,), "float32", offset_factor=1),
+             w: T.Buffer((1,), wdt, offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(w[0], v[0:n_thr], z[0:bits])
+            T.writes(w[0])
+            w[0] = w[0] | T.Cast(wdt, _word(z, v))
+
+    s_tir.TensorIntrin.register(name, pack_desc(bits, scope, per_channel, wdt), impl)
+    return name
+
+
+def pack_desc(bits: int, scope: str, per_channel: bool, wdt: str = "uint64") -> tirx.PrimFunc:
+    """What every packing intrinsic computes (NEON's here, x86's movmsk one in `cpu.py`):
+    bit j of the word w is z[j] >= its threshold (v[j] per channel, else the word's v[0])."""
+    n_thr = bits if per_channel else 1
+
+    def thr(v, j):
+        return v[j] if per_channel else v[0]
+
+    @T.prim_func(s_tir=True)
     def desc(z: T.Buffer((bits,), "float32", offset_factor=1, scope=scope),
              v: T.Buffer((n_thr,), "float32", offset_factor=1),
              w: T.Buffer((1,), wdt, offset_factor=1)) -> None:
@@ -212,17 +225,7 @@ def pack_neon_intrin(bits: int, scope: str, per_channel: bool = False,
                         thr(v, vj) <= z[vj],
                         T.shift_left(T.Cast(wdt, 1), T.Cast(wdt, vj)), T.Cast(wdt, 0))
 
-    @T.prim_func(s_tir=True)
-    def impl(z: T.Buffer((bits,), "float32", offset_factor=1, scope=scope),
-             v: T.Buffer((n_thr,), "float32", offset_factor=1),
-             w: T.Buffer((1,), wdt, offset_factor=1)) -> None:
-        with T.sblock("root"):
-            T.reads(w[0], v[0:n_thr], z[0:bits])
-            T.writes(w[0])
-            w[0] = w[0] | T.Cast(wdt, _word(z, v))
-
-    s_tir.TensorIntrin.register(name, desc, impl)
-    return name
+    return desc
 
 
 def _addp_bytes(x: tirx.PrimExpr, y: tirx.PrimExpr, lanes: int = 16) -> tirx.PrimExpr:
