@@ -360,15 +360,7 @@ def apply_block(sch: s_tir.Schedule, spec: C.BlockSpec, knobs: BlockKnobs) -> No
     sch.set_scope(acc, 0, "local")
     if not spec.lane_bits:  # the lane form places its two stages itself
         sch.compute_at(conv, rm, preserve_unit_loops=True)
-    sch.reverse_compute_at(glue, xo, preserve_unit_loops=True)
-    pack = out = None
-    if spec.next_planes:
-        sch.set_scope(glue, 0, "local")
-        pack = sch.get_sblock(C.PACK_OUT)
-        sch.reverse_compute_at(pack, xo, preserve_unit_loops=True)
-        if spec.float_out:
-            out = sch.get_sblock(C.GLUE_OUT)
-            sch.reverse_compute_at(out, xo, preserve_unit_loops=True)
+    pack, out = _place_epilogue(sch, spec, glue, xo)
 
     # The hot loop: (ky, kx, k) outside; planes x pixels x channel vectors unrolled inside.
     if spec.lane_bits:
@@ -404,9 +396,32 @@ def apply_block(sch: s_tir.Schedule, spec: C.BlockSpec, knobs: BlockKnobs) -> No
         _schedule_pack(sch, pack, geo.out_channels, geo.word_bits, "local",
                        spec.next_per_channel)
 
-    for name, count in ((C.PAD, 3), (C.ACT_LANES, 3), (C.ACT_POPCOUNT, 3)):
+    _parallel_producers(sch)
+
+
+def _place_epilogue(sch: s_tir.Schedule, spec: C.BlockSpec, glue: s_tir.SBlockRV,
+                    loop: s_tir.LoopRV) -> tuple[s_tir.SBlockRV | None, s_tir.SBlockRV | None]:
+    """The glue, and where the block packs for the next layer its packing (and its float
+    output), computed under `loop`, so they run on the tile while it is in registers or L1.
+    Returns (pack, float out), None where the block has none."""
+    sch.reverse_compute_at(glue, loop, preserve_unit_loops=True)
+    pack = out = None
+    if spec.next_planes:
+        sch.set_scope(glue, 0, "local")
+        pack = sch.get_sblock(C.PACK_OUT)
+        sch.reverse_compute_at(pack, loop, preserve_unit_loops=True)
+        if spec.float_out:
+            out = sch.get_sblock(C.GLUE_OUT)
+            sch.reverse_compute_at(out, loop, preserve_unit_loops=True)
+    return pack, out
+
+
+def _parallel_producers(sch: s_tir.Schedule) -> None:
+    """The block kernel's stages before the hot loop (padding, activation lanes, activation
+    popcounts), each parallel over its outer three loops where the kernel has it."""
+    for name in (C.PAD, C.ACT_LANES, C.ACT_POPCOUNT):
         if has_block(sch, name):
-            _parallel_outer(sch, sch.get_sblock(name), count)
+            _parallel_outer(sch, sch.get_sblock(name), 3)
 
 
 def _apply_byte_block(sch: s_tir.Schedule, spec: C.BlockSpec, knobs: BlockKnobs) -> None:
@@ -432,15 +447,7 @@ def _apply_byte_block(sch: s_tir.Schedule, spec: C.BlockSpec, knobs: BlockKnobs)
     sch.parallel(sch.fuse(b, oo, y))
     sch.set_scope(acc, 0, "local")
     sch.compute_at(conv, xo, preserve_unit_loops=True)
-    sch.reverse_compute_at(glue, xi, preserve_unit_loops=True)
-    pack = out = None
-    if spec.next_planes:
-        sch.set_scope(glue, 0, "local")
-        pack = sch.get_sblock(C.PACK_OUT)
-        sch.reverse_compute_at(pack, xi, preserve_unit_loops=True)
-        if spec.float_out:
-            out = sch.get_sblock(C.GLUE_OUT)
-            sch.reverse_compute_at(out, xi, preserve_unit_loops=True)
+    pack, out = _place_epilogue(sch, spec, glue, xi)
 
     # The hot loop: (ky, kx, k) outside; bases x 8-channel groups x planes x pixels unrolled
     # inside, each one update of the intrinsic (its lanes reduction innermost). A group's
@@ -466,9 +473,7 @@ def _apply_byte_block(sch: s_tir.Schedule, spec: C.BlockSpec, knobs: BlockKnobs)
     if pack is not None:
         _schedule_pack(sch, pack, geo.out_channels, geo.word_bits, "local",
                        spec.next_per_channel)
-    for name, count in ((C.PAD, 3), (C.ACT_POPCOUNT, 3)):
-        if has_block(sch, name):
-            _parallel_outer(sch, sch.get_sblock(name), count)
+    _parallel_producers(sch)
 
 
 def _byte_hot_loop(sch: s_tir.Schedule, spec: C.BlockSpec, knobs: BlockKnobs,
@@ -528,9 +533,7 @@ def _apply_byte_direct(sch: s_tir.Schedule, spec: C.BlockSpec, knobs: BlockKnobs
     sch.vectorize(ovi)
     sch.unroll(xi)
     sch.unroll(ovo)
-    for name, count in ((C.PAD, 3), (C.ACT_POPCOUNT, 3)):
-        if has_block(sch, name):
-            _parallel_outer(sch, sch.get_sblock(name), count)
+    _parallel_producers(sch)
 
 
 def _lane_hot_loop(sch: s_tir.Schedule, spec: C.BlockSpec, conv: s_tir.SBlockRV,
