@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from serve_load import cpu_model, pct, usable_cpus  # the load bench's, beside this file
 
 TOKEN = "soak-token"
 
@@ -630,10 +631,6 @@ def run_case(name: str, case: Case, target: Target, stats: dict[str, CaseStats],
 # The soak
 
 
-def pct(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
-
-
 def drive(target: Target, requests: int, concurrency: int, timeout: float = 30.0) -> dict:
     """`requests` good requests from `concurrency` kept-alive clients, every answer checked."""
     lat: list[float] = []
@@ -796,14 +793,6 @@ def scrape_5xx(target: Target) -> dict[str, float]:
     return out
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def soak(args: argparse.Namespace) -> dict:
     from abc_tvm.runtime import load
 
@@ -821,7 +810,7 @@ def soak(args: argparse.Namespace) -> dict:
     server = Server(so, TOKEN, args.timeout, workdir / "server.log", args.server_arg)
     target = Target("127.0.0.1", server.port, TOKEN, so.name.removesuffix(".so"), x, expected,
                     deadline)
-    summary: dict = {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)),
+    summary: dict = {"cpu": cpu_model(), "cores": usable_cpus(),
                      "python": platform.python_version(), "model": str(so),
                      "input_shape": list(info.shape), "server_argv": server.argv[2:],
                      "read_deadline_s": deadline, "concurrency": args.concurrency}
