@@ -543,11 +543,9 @@ class _FusedRewriter(PyExprMutator):
             return
         plan = self.plans[end]
         blk, glue = plan.block, plan.glue
-        x_shape = _shape(self.vars_[plan.x])
-        b, c, h, w = x_shape
-        m, o, _, kh, kw = blk.bases.shape
         wb = plan.word_bits
-        geo = _block_geometry(blk, x_shape, wb)
+        geo = _block_geometry(blk, _shape(self.vars_[plan.x]), wb)
+        b, o = geo.batch, geo.out_channels
         vec = block_vector(o, wb, self.target)
         nxt = 0 if plan.next_thresholds is None else int(plan.next_thresholds.shape[0])
         spec = compute.BlockSpec(

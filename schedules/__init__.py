@@ -254,12 +254,16 @@ def block_vector(out_channels: int, word_bits: int, target: tvm.target.Target) -
     return _cpu.block_vector(out_channels, word_bits)
 
 
+def _neon_a64(target: tvm.target.Target) -> bool:
+    """An LLVM target for aarch64 (NEON): where the lane, byte and 32-bit-word forms apply."""
+    return str(target.kind.name) == "llvm" and \
+        str(target.attrs.get("mtriple", "")).startswith("aarch64")
+
+
 def block_lane_bits(geo: compute.ConvGeometry, vec: int, target: tvm.target.Target) -> int:
     """16 where the block kernel accumulates in 16-bit lanes (aarch64 NEON: cnt + uadalp,
     `lanes.py`), else 0 (one int64 per word: x86's vpopcntq, or where lanes do not fit)."""
-    triple = str(target.attrs.get("mtriple", ""))
-    neon = str(target.kind.name) == "llvm" and triple.startswith("aarch64")
-    if not neon:
+    if not _neon_a64(target):
         return 0
     # The byte form where a pixel's accumulators (bases x planes x 8-channel groups) fit the
     # register tile: one uint16 per channel, no lane reduction, the glue in registers.
@@ -275,9 +279,7 @@ def block_word_bits(geo: compute.ConvGeometry, target: tvm.target.Target) -> int
     in 32-bit words (`lanes.byte_popcount_intrin`): a 64-bit word would be half zeros, and
     the popcount work half wasted. Else `geo.word_bits`. The one place this is decided:
     the rewrite packs the block's input (and lets a producer pack for it) in this word."""
-    triple = str(target.attrs.get("mtriple", ""))
-    if str(target.kind.name) != "llvm" or not triple.startswith("aarch64") \
-            or geo.word_bits != 64 or geo.channels > 32:
+    if not _neon_a64(target) or geo.word_bits != 64 or geo.channels > 32:
         return geo.word_bits
     narrow = dataclasses.replace(geo, word_bits=32)
     vec = block_vector(geo.out_channels, 32, target)
