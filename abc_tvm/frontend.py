@@ -71,13 +71,20 @@ def _check_graph(proto: onnx.ModelProto) -> None:
         seen.add(node.name)
 
 
+def constant_tensors(proto: onnx.ModelProto
+                     ) -> list[tuple[onnx.TensorProto, onnx.NodeProto | None]]:
+    """The graph's constants: each initializer (node None) and each Constant node's tensor."""
+    consts: list[tuple[onnx.TensorProto, onnx.NodeProto | None]] = [
+        (t, None) for t in proto.graph.initializer]
+    consts += [(a.t, n) for n in proto.graph.node if n.op_type == "Constant"
+               for a in n.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR]
+    return consts
+
+
 def _check_finite(proto: onnx.ModelProto) -> None:
     """NaN or Inf in a weight (training diverged, a damaged file) would be folded into the
     thresholds and vanish from the output, where ONNX Runtime propagates it: refuse it."""
-    consts = [(t, None) for t in proto.graph.initializer]
-    consts += [(a.t, n) for n in proto.graph.node if n.op_type == "Constant"
-               for a in n.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR]
-    for t, node in consts:
+    for t, node in constant_tensors(proto):
         if t.data_type not in FLOATS:
             continue
         try:

@@ -691,15 +691,16 @@ def abc_block(spec: BlockSpec) -> BlockTensors:
     conv = {0: _word_conv, BYTE_FORM: _byte_conv, 16: _lane_conv}[spec.lane_bits]
     t = conv(spec, padded, wv, attrs)
     byte = spec.lane_bits == BYTE_FORM
+    two = tvm.tirx.const(2.0, "float32")
 
     def _twice(t_: tvm.tirx.PrimExpr) -> tvm.tirx.PrimExpr:
         """2t as float32 (exact either way; the byte form doubles in int32: `ushll #1`)."""
         if byte:
             return (t_.astype("int32") * 2).astype("float32")
         return t_.astype("float32") * two
+
     rm = te.reduce_axis((0, m), name="rm")
     rn = te.reduce_axis((0, n), name="rn")
-    two = tvm.tirx.const(2.0, "float32")
     if spec.bipolar:
         tc, bc, lc, rc = border_clips(geo)
         q = te.placeholder((m, tc + 1, bc + 1, lc + 1, rc + 1, o), "float32", name="q")
